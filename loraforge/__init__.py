@@ -1,0 +1,18 @@
+"""loraforge: LoRA fine-tuning — train, evaluate, merge and serve low-rank adapters."""
+
+from loraforge.config import LoraConfig
+from loraforge.errors import AdapterError, AdapterFileError, ConfigError, LoraforgeError, MergeError
+from loraforge.lora import DEFAULT_ADAPTER, LoraModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "AdapterError",
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraModel",
+    "LoraforgeError",
+    "MergeError",
+]

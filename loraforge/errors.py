@@ -1,0 +1,21 @@
+"""The one family of exceptions a user can cause. The CLI prints their message, not a traceback."""
+
+
+class LoraforgeError(Exception):
+    """Base class: something the user can fix; the message says what and how."""
+
+
+class ConfigError(LoraforgeError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+class AdapterError(LoraforgeError):
+    """An adapter does not fit the model, or an adapter operation is not allowed in the current state."""
+
+
+class AdapterFileError(AdapterError):
+    """An adapter folder is missing, unreadable, pickled, or does not match the model (names the tensor)."""
+
+
+class MergeError(AdapterError):
+    """Merging would produce non-finite weights; nothing was changed."""

@@ -1,0 +1,516 @@
+"""LoRA layers: h = base(x) + Σ_{a ∈ active} s_a · B_a·A_a·dropout(x), with s = α/r (α/√r for rsLoRA).
+
+A frozen base layer is wrapped once; every named adapter adds its own pair of factors A (r × fan_in)
+and B (fan_out × r). B starts at zero, so a fresh adapter leaves the model exactly as it was
+(Hu et al. 2021, §4.1). Each kind of base layer says only three things: how to build A and B, how
+to apply them to an input, and what ΔW = s·B·A looks like in the base weight's layout. Everything
+else (active set, merge/unmerge, per-row adapters for mixed batches) lives once in `LoraLayer`.
+
+In-memory names follow PEFT's contract (`<module>.base_layer`, `<module>.lora_A.<adapter>.weight`),
+so the file format is the module path with the adapter name dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loraforge.errors import AdapterError, MergeError
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """The adapter of every batch row: `rows[i]` indexes `(base,) + names`, so 0 means "no adapter"."""
+
+    names: tuple[str, ...]
+    rows: torch.Tensor
+
+    @classmethod
+    def from_names(cls, per_row: Sequence[str | None], device: torch.device | str | None = None) -> RowAdapters:
+        names = tuple(dict.fromkeys(name for name in per_row if name is not None))
+        index = {name: i + 1 for i, name in enumerate(names)}
+        rows = torch.tensor([index[name] if name is not None else 0 for name in per_row], device=device)
+        return cls(names, rows)
+
+    def uniform_choice(self) -> str | None | bool:
+        """The one adapter every row uses (None for the base), or False when rows differ."""
+        first = int(self.rows[0])
+        if bool((self.rows == first).all()):
+            return self.names[first - 1] if first else None
+        return False
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    # Adapters train in fp32 whatever the base holds (bf16, fp16, 4-bit): their updates are small
+    # relative to the weights and vanish in 8-bit mantissas. float64 bases (reference tests) stay float64.
+    return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
+
+
+def init_lora_a(weight: torch.Tensor, scheme: str) -> None:
+    if scheme == "gaussian":
+        nn.init.normal_(weight, std=1.0 / weight.shape[0])  # std 1/r, as PEFT's "gaussian"
+    else:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT's default
+
+
+class LoraLayer(nn.Module):
+    """Shared bookkeeping for a frozen `base_layer` with any number of named adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.ranks: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.row_adapters: RowAdapters | None = None
+
+    # -- what each kind of layer provides -------------------------------------------------------
+    def _create_factors(self, name: str, r: int, init: str) -> None:
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as (r, fan_in) and B as (fan_out, r) views of the adapter's parameters."""
+        raise NotImplementedError
+
+    def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """B·A·dropout(x), unscaled."""
+        raise NotImplementedError
+
+    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
+        """Σ over rows of each row's own adapter update, scaled; None when no row's adapter lives here."""
+        raise AdapterError(f"{type(self).__name__} does not support mixed-adapter batches")
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A laid out like the base weight."""
+        raise NotImplementedError
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's parameters under PEFT's names relative to this module ('lora_A.weight', …)."""
+        raise NotImplementedError
+
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+        if name in self.ranks:
+            raise AdapterError(f"adapter {name!r} already exists on this layer")
+        self.ranks[name] = r
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout_p[name] = dropout
+        self._create_factors(name, r, init)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        for store in self._factor_stores():
+            if name in store:
+                del store[name]
+        for table in (self.ranks, self.scaling, self.dropout_p):
+            table.pop(name, None)
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    def _factor_stores(self) -> list[nn.ModuleDict | nn.ParameterDict]:
+        return [m for m in self.children() if isinstance(m, (nn.ModuleDict, nn.ParameterDict))]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        self._check_merge_state()
+        if self.row_adapters is not None:
+            update = self._mixed_output(x, self.row_adapters)
+            return result if update is None else result + update.to(result.dtype)
+        for name in self._unmerged_active():
+            result = result + (self.scaling[name] * self._adapter_output(x, name)).to(result.dtype)
+        return result
+
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.ranks and n not in self.merged_adapters]
+
+    def _check_merge_state(self) -> None:
+        # A merged adapter cannot be switched off without changing weights; we never do that implicitly
+        # (loralib merges inside train()/eval() and surprises its users).
+        if not self.merged_adapters:
+            return
+        if self.row_adapters is not None or any(n not in self.active_adapters for n in self.merged_adapters):
+            raise AdapterError(
+                f"adapters {self.merged_adapters} are merged into the base weights; call unmerge() before "
+                "disabling them, switching adapters or running a mixed-adapter batch"
+            )
+
+    def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.dropout_p[name]
+        return F.dropout(x, p, training=True) if p and self.training else x
+
+    # -- mixed batches: one forward, a different adapter per row --------------------------------
+    def _stacked_factors(self, plan: RowAdapters):
+        """A (K+1, r_max, fan_in), B (K+1, fan_out, r_max), scale (K+1,), dropout p (K+1,) over (base,)+names.
+
+        Index 0 and adapters absent from this layer are zero, so their rows get the base output; smaller
+        ranks are zero-padded, which adds nothing to B·A.
+        """
+        present = [n for n in plan.names if n in self.ranks]
+        if not present:
+            return None
+        r_max = max(self.ranks[n] for n in present)
+        ref_a, ref_b = self.factors(present[0])
+        zero_a = ref_a.new_zeros(r_max, ref_a.shape[1])
+        zero_b = ref_b.new_zeros(ref_b.shape[0], r_max)
+        a_list, b_list, scales, drop = [zero_a], [zero_b], [0.0], [0.0]
+        for name in plan.names:
+            if name in self.ranks:
+                a, b = self.factors(name)
+                pad = r_max - a.shape[0]
+                a_list.append(F.pad(a, (0, 0, 0, pad)))
+                b_list.append(F.pad(b, (0, pad)))
+                scales.append(self.scaling[name])
+                drop.append(self.dropout_p[name] if self.training else 0.0)
+            else:
+                a_list.append(zero_a)
+                b_list.append(zero_b)
+                scales.append(0.0)
+                drop.append(0.0)
+        scale = torch.tensor(scales, device=ref_a.device, dtype=ref_a.dtype)
+        return torch.stack(a_list), torch.stack(b_list), scale, drop
+
+    @staticmethod
+    def _row_dropout(x: torch.Tensor, rows: torch.Tensor, drop: list[float]) -> torch.Tensor:
+        if not any(drop):
+            return x
+        p = torch.tensor(drop, device=x.device, dtype=x.dtype)[rows].view(-1, *([1] * (x.dim() - 1)))
+        keep = torch.rand_like(x) >= p
+        return x * keep / (1 - p)
+
+    @staticmethod
+    def _check_rows(x: torch.Tensor, plan: RowAdapters) -> None:
+        if x.shape[0] != plan.rows.shape[0]:
+            raise AdapterError(
+                f"mixed-adapter batch names {plan.rows.shape[0]} rows but the input has {x.shape[0]}"
+            )
+
+    # -- merge ---------------------------------------------------------------------------------
+    def merged_weight(self, names: Sequence[str]) -> torch.Tensor:
+        """W0 + Σ ΔW for the given not-yet-merged adapters, computed on a float copy (the base is untouched)."""
+        weight = self.base_weight.detach().to(adapter_dtype(self.base_weight))
+        for name in self._to_merge(names):
+            weight = weight + self.delta_weight(name).detach().to(weight.dtype)
+        return weight
+
+    def _to_merge(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if n in self.ranks and n not in self.merged_adapters]
+
+    def check_mergeable(self, names: Sequence[str], where: str = "") -> None:
+        """Raise MergeError if merging would write NaN/inf; computed on a copy, so nothing changes."""
+        todo = self._to_merge(names)
+        if todo and not torch.isfinite(self.merged_weight(todo)).all():
+            raise MergeError(
+                f"merging adapter(s) {todo} into {where or type(self.base_layer).__name__} gives NaN/inf weights; "
+                "nothing was changed. The adapter is broken (check its training loss)."
+            )
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str], safe: bool = True, where: str = "") -> None:
+        todo = self._to_merge(names)
+        if not todo:
+            return  # merging twice merges once
+        if safe:
+            self.check_mergeable(todo, where)
+        self.base_weight.copy_(self.merged_weight(todo).to(self.base_weight.dtype))
+        self.merged_adapters.extend(todo)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight, delta = self.base_weight, self.delta_weight(name)
+            weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear or GPT-2 Conv1D: h = W0·x + b + s·B·A·dropout(x). Conv1D stores W0 as (fan_in, fan_out)."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        fan_in, fan_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
+        self.in_features, self.out_features = fan_in, fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_factors(self, name: str, r: int, init: str) -> None:
+        kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
+        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+        init_lora_a(self.lora_A[name].weight, init)
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        x = self._dropout(x.to(self.lora_A[name].weight.dtype), name)
+        return self.lora_B[name](self.lora_A[name](x))
+
+    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
+        stacked = self._stacked_factors(plan)
+        if stacked is None:
+            return None
+        a, b, scale, drop = stacked
+        self._check_rows(x, plan)
+        rows = plan.rows
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (batch, tokens, fan_in)
+        tokens = self._row_dropout(tokens, rows, drop)
+        hidden = torch.bmm(tokens, a[rows].transpose(1, 2))  # (batch, tokens, r)
+        out = torch.bmm(hidden, b[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+
+class LoraEmbedding(LoraLayer):
+    """nn.Embedding: h = E0[x] + s·(Aᵀ[x])·Bᵀ, with A (r × vocab) a per-token lookup and B (dim × r)."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_factors(self, name: str, r: int, init: str) -> None:
+        vocab, dim = self.base_weight.shape
+        kw = dict(device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
+        # PEFT's embedding init: A = 0, B ~ N(0, 1); the product is zero either way.
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, vocab, **kw))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kw))
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
+
+    def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return self._lookup(x, a.T) @ b.T
+
+    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
+        stacked = self._stacked_factors(plan)
+        if stacked is None:
+            return None
+        a, b, scale, _ = stacked  # embeddings take ids, so there is no input dropout
+        self._check_rows(x, plan)
+        rows = plan.rows
+        ids = x.reshape(x.shape[0], -1)
+        hidden = a.transpose(1, 2)[rows[:, None], ids]  # (batch, tokens, r): each row looks up its own A
+        out = torch.bmm(hidden, b[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
+        return out.reshape(*x.shape, b.shape[1])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return (b @ a).T * self.scaling[name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+
+class LoraConv2d(LoraLayer):
+    """nn.Conv2d: h = conv(x; W0) + s·conv₁ₓ₁(conv(x; A); B), A with the base kernel/stride/padding, B 1×1."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1 or base_layer.dilation != (1, 1):
+            raise AdapterError("LoRA on Conv2d needs groups=1 and dilation=1 (as PEFT)")
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_factors(self, name: str, r: int, init: str) -> None:
+        base = self.base_layer
+        kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, **kw)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
+        init_lora_a(self.lora_A[name].weight, init)
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+    def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        x = self._dropout(x.to(self.lora_A[name].weight.dtype), name)
+        return self.lora_B[name](self.lora_A[name](x))
+
+    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
+        stacked = self._stacked_factors(plan)
+        if stacked is None:
+            return None
+        a, b, scale, drop = stacked
+        self._check_rows(x, plan)
+        base, rows = self.base_layer, plan.rows
+        batch, channels, r = x.shape[0], x.shape[1], a.shape[1]
+        x = self._row_dropout(x.to(a.dtype), rows, drop)
+        # Grouped convolution with one group per row: every row is convolved with its own adapter's kernels.
+        kernels_a = a[rows].reshape(batch * r, channels, *base.kernel_size)
+        hidden = F.conv2d(x.reshape(1, batch * channels, *x.shape[2:]), kernels_a, None, base.stride, base.padding,
+                          groups=batch)
+        kernels_b = b[rows].reshape(batch * b.shape[1], r, 1, 1)
+        out = F.conv2d(hidden, kernels_b, groups=batch).reshape(batch, b.shape[1], *hidden.shape[2:])
+        return out * scale[rows].view(-1, 1, 1, 1)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        return (b @ a).reshape(self.base_weight.shape) * self.scaling[name]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+
+class LoraParameter(LoraLayer):
+    """One adapted parameter, e.g. MoE experts stored as a 3-D tensor W0 (experts × out × in):
+    W0[e] + s·B_e·A_e per expert. The base module runs unchanged with that sum in place of W0.
+
+    Follows PEFT's `target_parameters` layout: A is (r·E, in) with expert e in rows e·r…e·r+r-1;
+    B is (out, r·E) with expert e in columns e, e+E, e+2E, … Several parameters of one module nest
+    (the first parameter innermost), which is also how their keys read in the file.
+    """
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
+        super().__init__(base_layer)
+        self.parameter_name = parameter_name
+        shape = self.base_weight.shape
+        if len(shape) not in (2, 3):
+            raise AdapterError(f"parameter {parameter_name!r} has {len(shape)} dimensions; LoRA needs 2 or 3")
+        self.num_experts = shape[0] if len(shape) == 3 else 1
+        # transformers stores experts as (E, out, in) unless the module says it is transposed.
+        self.transposed = len(shape) == 3 and getattr(self.owner, "is_transposed", False)
+        out_dim, in_dim = shape[-2:] if not self.transposed else shape[-2:][::-1]
+        self.in_features, self.out_features = in_dim, out_dim
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @property
+    def owner(self) -> nn.Module:
+        module = self.base_layer
+        while isinstance(module, LoraParameter):
+            module = module.base_layer
+        return module
+
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return getattr(self.owner, self.parameter_name)
+
+    def _create_factors(self, name: str, r: int, init: str) -> None:
+        kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
+        self.lora_A[name] = nn.Linear(self.in_features, r * self.num_experts, **kw)
+        self.lora_B[name] = nn.Linear(r * self.num_experts, self.out_features, **kw)
+        init_lora_a(self.lora_A[name].weight, init)
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        experts, r = self.num_experts, self.ranks[name]
+        a = self.lora_A[name].weight.reshape(experts, r, self.in_features)
+        b = self.lora_B[name].weight.reshape(self.out_features, r, experts).permute(2, 0, 1)
+        delta = torch.bmm(b, a) * self.scaling[name]  # (E, out, in)
+        if self.transposed:
+            delta = delta.transpose(1, 2)
+        return delta if self.base_weight.dim() == 3 else delta[0]
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self._forward_with({}, args, kwargs)
+
+    def _forward_with(self, replaced: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        self._check_merge_state()
+        names = self._unmerged_active()
+        if self.row_adapters is not None:
+            choice = self.row_adapters.uniform_choice()
+            if choice is False:
+                raise AdapterError(
+                    f"mixed-adapter batches are not supported on adapted parameter {self.parameter_name!r} "
+                    "(expert tensors); give every row the same adapter, or adapt only Linear modules"
+                )
+            names = [choice] if choice in self.ranks else []
+        if names:
+            weight = self.base_weight
+            delta = sum(self.delta_weight(n) for n in names)
+            replaced = {**replaced, self.parameter_name: weight + delta.to(weight.dtype)}
+        if isinstance(self.base_layer, LoraParameter):
+            return self.base_layer._forward_with(replaced, args, kwargs)
+        if not replaced:
+            return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(self.base_layer, replaced, args, kwargs)
+
+
+class ModulesToSave(nn.Module):
+    """A frozen original plus one fully trainable copy per adapter; the first active adapter's copy runs."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.row_adapters: RowAdapters | None = None
+
+    def add_adapter(self, name: str) -> None:
+        trainable = copy.deepcopy(self.original_module)
+        for param in trainable.parameters():
+            param.requires_grad_(True)
+        self.modules_to_save[name] = trainable
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    def active_module(self) -> nn.Module:
+        for name in self.active_adapters:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self.row_adapters
+        if plan is None:
+            return self.active_module()(x, *args, **kwargs)
+        LoraLayer._check_rows(x, plan)
+        out = self.original_module(x, *args, **kwargs)
+        for index, name in enumerate(plan.names, start=1):
+            rows = (plan.rows == index).nonzero().squeeze(1)
+            if name in self.modules_to_save and rows.numel():
+                out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs).to(out.dtype))
+        return out
+
+
+def wrap_module(module: nn.Module) -> LoraLayer:
+    """The LoRA layer class for a supported base module."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d(module)
+    raise AdapterError(
+        f"cannot put LoRA on a {type(module).__name__}: supported are Linear, GPT-2 Conv1D, Embedding and Conv2d "
+        "modules, and 2-D/3-D parameters via target_parameters"
+    )
+
+
+SUPPORTED_MODULES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
+LINEAR_MODULES = (nn.Linear, Conv1D)

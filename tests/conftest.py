@@ -1,0 +1,125 @@
+"""Tiny random models built from configs in code (never downloaded) and the adapter cases tested on them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, Qwen2Config
+
+from loraforge import LoraConfig, LoraModel
+from loraforge.lora.layers import LoraLayer, ModulesToSave
+
+VOCAB = 96
+
+
+class TinyConvNet(nn.Module):
+    """A small image classifier, for LoRA on Conv2d (and a Linear head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def _causal_lm(config) -> nn.Module:
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+ARCHITECTURES = {
+    "llama": lambda: _causal_lm(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)),
+    "qwen2": lambda: _causal_lm(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)),
+    "gpt2": lambda: _causal_lm(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)),
+    "mixtral": lambda: _causal_lm(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)),
+    "convnet": TinyConvNet,
+}
+
+
+def make_model(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ARCHITECTURES[arch]().eval()
+
+
+def make_inputs(arch: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if arch == "convnet":
+        return torch.randn(batch, 3, 8, 8, generator=generator)
+    return torch.randint(0, VOCAB, (batch, 7), generator=generator)
+
+
+def run(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+    out = model(inputs, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@dataclass
+class Case:
+    """One architecture with one adapter configuration (a layer type and/or option under test)."""
+
+    id: str
+    arch: str
+    lora: dict = field(default_factory=dict)
+    mixable: bool = True  # expert tensors cannot take a different adapter per row
+
+    def config(self, **overrides) -> LoraConfig:
+        return LoraConfig(**{"r": 4, "alpha": 8, **self.lora, **overrides})
+
+
+CASES = [
+    Case("llama-all-linear", "llama", {"targets": "all-linear"}),
+    Case("llama-embedding-qv-rslora", "llama", {"targets": ["embed_tokens", "q_proj", "v_proj"], "use_rslora": True}),
+    Case("llama-patterns-layers-gaussian", "llama", {
+        "targets": ["q_proj", "down_proj", "o_proj"], "layers_to_transform": [1], "rank_pattern": {"down_proj": 2},
+        "alpha_pattern": {"q_proj": 3.0}, "init": "gaussian"}),
+    Case("qwen2-all-linear-save-head", "qwen2", {"targets": "all-linear", "modules_to_save": ["lm_head"]}),
+    Case("qwen2-regex-mlp", "qwen2", {"targets": r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"}),
+    Case("gpt2-conv1d", "gpt2", {"targets": ["c_attn", "c_proj", "c_fc"], "dropout": 0.1}),
+    Case("mixtral-experts", "mixtral", {
+        "targets": ["q_proj", "o_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+        mixable=False),
+    Case("mixtral-all-linear", "mixtral", {"targets": "all-linear"}),
+    Case("convnet-conv2d", "convnet", {"targets": ["conv1", "conv2", "fc"]}),
+]
+
+
+@pytest.fixture(params=CASES, ids=[c.id for c in CASES])
+def case(request) -> Case:
+    return request.param
+
+
+def perturb(lora: LoraModel, name: str, std: float = 0.2, seed: int = 7) -> None:
+    """Give an adapter non-zero random factors (fresh adapters have B = 0 and change nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in lora.wrappers():
+            if isinstance(module, LoraLayer) and name in module.ranks:
+                for tensor in module.peft_tensors(name).values():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+            elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+                for tensor in module.modules_to_save[name].parameters():
+                    tensor.add_(torch.randn(tensor.shape, generator=generator) * std)
+
+
+def lora_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
