@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,6 +16,11 @@ from loraforge import LoraConfig, LoraModel
 from loraforge.lora.layers import LoraLayer, ModulesToSave
 
 VOCAB = 96
+# The whole suite also runs on a GPU: LORAFORGE_TEST_DEVICE=cuda pytest
+DEVICE = torch.device(os.environ.get("LORAFORGE_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    torch.backends.cudnn.allow_tf32 = False  # the tolerances below are for true fp32 arithmetic
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 class TinyConvNet(nn.Module):
@@ -54,14 +60,14 @@ ARCHITECTURES = {
 
 def make_model(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return ARCHITECTURES[arch]().eval()
+    return ARCHITECTURES[arch]().eval().to(DEVICE)
 
 
 def make_inputs(arch: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     if arch == "convnet":
-        return torch.randn(batch, 3, 8, 8, generator=generator)
-    return torch.randint(0, VOCAB, (batch, 7), generator=generator)
+        return torch.randn(batch, 3, 8, 8, generator=generator).to(DEVICE)
+    return torch.randint(0, VOCAB, (batch, 7), generator=generator).to(DEVICE)
 
 
 def run(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -114,7 +120,7 @@ def perturb(lora: LoraModel, name: str, std: float = 0.2, seed: int = 7) -> None
                     tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
             elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
                 for tensor in module.modules_to_save[name].parameters():
-                    tensor.add_(torch.randn(tensor.shape, generator=generator) * std)
+                    tensor.add_(torch.randn(tensor.shape, generator=generator).to(tensor.device) * std)
 
 
 def lora_modules(model: nn.Module) -> list[str]:

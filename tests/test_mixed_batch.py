@@ -22,7 +22,7 @@ def _two_adapters(case) -> LoraModel:
 
 
 def _row_weights(out: torch.Tensor) -> torch.Tensor:
-    return torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
 
 
 def _grads(lora: LoraModel) -> dict[str, torch.Tensor]:
@@ -52,9 +52,10 @@ def test_mixed_batch_equals_each_row_alone_outputs_and_gradients(case):
     assert mixed_grads.keys() == alone_grads.keys()
     assert any(".a." in k or k.endswith(".a") for k in mixed_grads) and any(".b." in k for k in mixed_grads)
     for key, expected in alone_grads.items():
-        # fp32 sums in another order: the error grows with the gradient's magnitude (up to ~40 here)
+        # fp32 sums in another order (batched vs single-row kernels): the error grows with the gradient's
+        # magnitude (up to ~40 here); seen ≤ 5e-6 relative on CPU and ≤ 1.3e-5 on an H100.
         scale = max(1.0, expected.abs().max().item())
-        torch.testing.assert_close(mixed_grads[key], expected, atol=1e-5 * scale, rtol=0, msg=key)
+        torch.testing.assert_close(mixed_grads[key], expected, atol=5e-5 * scale, rtol=0, msg=key)
 
 
 def test_gradients_reach_only_the_adapters_of_the_batch():
