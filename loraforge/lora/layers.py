@@ -85,9 +85,10 @@ class LoraLayer(nn.Module):
         """B·A·dropout(x), unscaled."""
         raise NotImplementedError
 
-    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
-        """Σ over rows of each row's own adapter update, scaled; None when no row's adapter lives here."""
-        raise AdapterError(f"{type(self).__name__} does not support mixed-adapter batches")
+    def _mixed_output(self, x: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      scale: torch.Tensor, drop: list[float]) -> torch.Tensor:
+        """Every row's own scaled update, from the factors stacked by `_stacked_factors` (index = rows[i])."""
+        raise NotImplementedError
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A laid out like the base weight."""
@@ -128,8 +129,11 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         self._check_merge_state()
         if self.row_adapters is not None:
-            update = self._mixed_output(x, self.row_adapters)
-            return result if update is None else result + update.to(result.dtype)
+            stacked = self._stacked_factors(self.row_adapters)
+            if stacked is None:  # no row's adapter lives in this layer
+                return result
+            self._check_rows(x, self.row_adapters)
+            return result + self._mixed_output(x, self.row_adapters.rows, *stacked).to(result.dtype)
         for name in self._unmerged_active():
             result = result + (self.scaling[name] * self._adapter_output(x, name)).to(result.dtype)
         return result
@@ -261,13 +265,7 @@ class LoraLinear(LoraLayer):
         x = self._dropout(x.to(self.lora_A[name].weight.dtype), name)
         return self.lora_B[name](self.lora_A[name](x))
 
-    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
-        stacked = self._stacked_factors(plan)
-        if stacked is None:
-            return None
-        a, b, scale, drop = stacked
-        self._check_rows(x, plan)
-        rows = plan.rows
+    def _mixed_output(self, x, rows, a, b, scale, drop):
         tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (batch, tokens, fan_in)
         tokens = self._row_dropout(tokens, rows, drop)
         hidden = torch.bmm(tokens, a[rows].transpose(1, 2))  # (batch, tokens, r)
@@ -309,13 +307,8 @@ class LoraEmbedding(LoraLayer):
         a, b = self.factors(name)
         return self._lookup(x, a.T) @ b.T
 
-    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
-        stacked = self._stacked_factors(plan)
-        if stacked is None:
-            return None
-        a, b, scale, _ = stacked  # embeddings take ids, so there is no input dropout
-        self._check_rows(x, plan)
-        rows = plan.rows
+    def _mixed_output(self, x, rows, a, b, scale, drop):
+        # embeddings take ids, so there is no input dropout
         ids = x.reshape(x.shape[0], -1)
         hidden = a.transpose(1, 2)[rows[:, None], ids]  # (batch, tokens, r): each row looks up its own A
         out = torch.bmm(hidden, b[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
@@ -355,13 +348,8 @@ class LoraConv2d(LoraLayer):
         x = self._dropout(x.to(self.lora_A[name].weight.dtype), name)
         return self.lora_B[name](self.lora_A[name](x))
 
-    def _mixed_output(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
-        stacked = self._stacked_factors(plan)
-        if stacked is None:
-            return None
-        a, b, scale, drop = stacked
-        self._check_rows(x, plan)
-        base, rows = self.base_layer, plan.rows
+    def _mixed_output(self, x, rows, a, b, scale, drop):
+        base = self.base_layer
         batch, channels, r = x.shape[0], x.shape[1], a.shape[1]
         x = self._row_dropout(x.to(a.dtype), rows, drop)
         # Grouped convolution with one group per row: every row is convolved with its own adapter's kernels.
