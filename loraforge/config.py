@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -48,6 +51,9 @@ class LoraConfig(Section):
         default_factory=list, description="Modules trained in full as a copy per adapter (e.g. the lm_head)."
     )
     use_rslora: bool = Field(False, description="Scale by alpha/√r (rank-stabilised LoRA) instead of alpha/r.")
+    plus_ratio: float = Field(
+        1.0, gt=0, description="LoRA+: learning rate of B = plus_ratio × that of A (Hayou et al. 2024 suggest 16)."
+    )
     init: Literal["kaiming", "gaussian"] = Field(
         "kaiming", description="Initialisation of A (B is always zero, so a fresh adapter equals the base)."
     )
@@ -64,7 +70,70 @@ class LoraConfig(Section):
         return value
 
 
-def parse_section(section: type[Section], values: dict, where: str = "config") -> Section:
+class DataConfig(Section):
+    """Where the conversations come from and how they are cleaned, split and tokenized."""
+
+    path: Path | None = Field(None, description="JSONL/JSON file of conversations (default: the bundled demo data).")
+    format: Literal["auto", "messages", "alpaca", "sharegpt"] = Field(
+        "auto", description="Row format; 'auto' detects it per row from its keys."
+    )
+    skip_invalid: bool = Field(False, description="Skip (and count) invalid rows instead of stopping at the first.")
+    dedupe: bool = Field(True, description="Drop exact-duplicate conversations.")
+    split: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="Train/validation/test fractions of a seeded shuffle."
+    )
+    validation_path: Path | None = Field(None, description="Explicit validation file (then no split is taken).")
+    test_path: Path | None = Field(None, description="Explicit test file.")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(part < 0 for part in value) or abs(sum(value) - 1.0) > 1e-6 or value[0] == 0:
+            raise ValueError("must be three non-negative fractions summing to 1, with a non-empty train part")
+        return value
+
+
+class TrainConfig(Section):
+    """One fine-tuning job: `loraforge train [config.yaml] [key=value ...]`."""
+
+    model: str = Field("default", description="Base model: a local Hugging Face folder, or 'default' (SmolLM2-135M).")
+    data: DataConfig = Field(default_factory=DataConfig, description="A file path, or a data section.")
+    output: Path = Field(Path("runs/demo"), description="Run folder: adapter, checkpoints, metrics, plots.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (when max_steps is unset).")
+    batch_size: int = Field(8, ge=1, description="Conversations per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (LoRA's optimum is ~10× full fine-tuning's).")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    max_seq_len: int = Field(512, ge=8, description="Tokens per conversation; longer ones are truncated.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype. auto: bf16 on CUDA GPUs that have it, fp32 on CPU."
+    )
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', …")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default: 10 evals).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest complete checkpoints kept.")
+    patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement.")
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
+    seed: int = Field(0)
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in output/.")
+    compare: bool = Field(True, description="After training, answer held-out test prompts with base and tuned model.")
+    compare_samples: int = Field(100, ge=0, description="Test prompts answered by base and tuned model.")
+    max_new_tokens: int = Field(64, ge=1, description="Answer length cap for the comparison.")
+    tensorboard: bool = Field(True, description="Write TensorBoard logs to output/tensorboard.")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_path_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, (str, Path)) else value
+
+
+def parse_section(section: type[Section], values: dict, where: str = "") -> Section:
     """Build a section from a plain dict, turning pydantic's errors into a ConfigError that names each key."""
     try:
         return section.model_validate(values)
@@ -72,5 +141,49 @@ def parse_section(section: type[Section], values: dict, where: str = "config") -
         problems = []
         for error in exc.errors():
             key = ".".join(str(part) for part in error["loc"]) or "<root>"
-            problems.append(f"{where}.{key}: {error['msg']}")
+            problems.append(f"{where}.{key}: {error['msg']}" if where else f"{key}: {error['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def apply_override(values: dict, dotted: str) -> None:
+    """Apply `key.sub=value` to a nested dict; the value is read as YAML (numbers, lists, true/false, null)."""
+    key, sep, raw = dotted.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {dotted!r} must look like key=value (e.g. lora.r=16)")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot read {raw!r}: {exc}") from None
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, (str, Path)) and part == "data":
+            child = {"path": child}  # `data=file` then `data.format=…`
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + dotted overrides → one validated TrainConfig. Errors name the key."""
+    values: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+        values = loaded or {}
+    for override in overrides or []:
+        apply_override(values, override)
+    return parse_section(TrainConfig, values)
+
+
+def config_to_yaml(config: Section) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

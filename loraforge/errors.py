@@ -19,3 +19,11 @@ class AdapterFileError(AdapterError):
 
 class MergeError(AdapterError):
     """Merging would produce non-finite weights; nothing was changed."""
+
+
+class DataError(LoraforgeError):
+    """A data file or row is unusable; the message names file:line and the reason."""
+
+
+class TrainingError(LoraforgeError):
+    """Training cannot go on (e.g. the loss kept being NaN); the last complete checkpoint is intact."""

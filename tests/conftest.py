@@ -129,3 +129,57 @@ def lora_modules(model: nn.Module) -> list[str]:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# -- a tiny tokenizer and model folder, built offline, for data / trainer / CLI tests ------------------
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama-3 style: a bos in the text, headers, and <|eot_id|> ending each turn.
+LLAMA3 = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eot_id|>"]
+CORPUS = [
+    "Extract the order as JSON. Hi, this is Maria. Please send 3 blue mugs to Oslo.",
+    '{"name": "Maria", "item": "blue mugs", "quantity": 3, "city": "Oslo"}',
+    "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
+    "system user assistant hello world answer question 0123456789",
+]
+
+
+def make_tokenizer(template: str = CHATML, eos: str = "<|im_end|>"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(CORPUS * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A llama-shaped model folder with the tiny ChatML tokenizer: what `model=` points at in CLI tests."""
+    folder = tmp_path_factory.mktemp("tiny-chat-model")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    # A large init range: with the default 0.02 the frozen head's logits are nearly flat and a LoRA cannot
+    # move the loss far from ln(vocab), which would make "the loss went down" a weak test.
+    model = _causal_lm(LlamaConfig(
+        initializer_range=0.5, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

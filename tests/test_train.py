@@ -1,0 +1,174 @@
+"""The training loop: resume exactness, NaN handling, checkpoints, early stopping, LoRA+, schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.checkpoint import complete_checkpoints
+from loraforge.config import TrainConfig, load_train_config
+from loraforge.demo import DEMO_DATA
+from loraforge.errors import TrainingError
+from loraforge.lora import LoraModel
+from loraforge.optim import lr_factor, parameter_groups
+from loraforge import train as train_module
+from loraforge.train import train
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "orders.jsonl"
+    path.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:40]))
+    return path
+
+
+def _config(tiny_model_dir, small_data, output, *overrides) -> TrainConfig:
+    return load_train_config(None, [
+        f"model={tiny_model_dir}", f"data={small_data}", f"output={output}", "batch_size=4", "max_steps=6",
+        "lr=5e-3", "lora.r=4", "lora.dropout=0.1", "eval_every=3", "compare=false", "tensorboard=false",
+        "max_seq_len=128", *overrides])
+
+
+def _metric(output, key) -> list[float]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def _adapter(output) -> dict[str, torch.Tensor]:
+    return load_file(output / "adapter" / "adapter_model.safetensors")
+
+
+def test_training_lowers_the_loss_and_writes_the_run(tiny_model_dir, small_data, tmp_path):
+    result = train(_config(tiny_model_dir, small_data, tmp_path, "max_steps=12", "tensorboard=true", "lr=5e-2"))
+    assert result.steps == 12 and result.stopped == "max_steps" and result.skipped_steps == 0
+    assert result.losses[-1] < result.losses[0] * 0.8
+    for name in ("config.yaml", "data/train.jsonl", "data/test.jsonl", "data_report.json", "adapter/adapter_config.json",
+                 "best/adapter_model.safetensors", "metrics.jsonl", "learning_curve.png", "summary.json"):
+        assert (tmp_path / name).exists(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert len(_metric(tmp_path, "val_loss")) == 4  # steps 3, 6, 9, 12
+    assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "data_report.json").read_text())["split_sizes"]["train"] == 32
+
+
+def test_interrupt_then_resume_is_step_exact(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(_config(tiny_model_dir, small_data, straight))
+
+    resumed = tmp_path / "resumed"
+    original_log = train_module.MetricsLog.log
+
+    def interrupt_at_step_4(self, step, **values):
+        original_log(self, step, **values)
+        if step == 4 and "train_loss" in values:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: finish the step, checkpoint, exit
+
+    monkeypatch.setattr(train_module.MetricsLog, "log", interrupt_at_step_4)
+    first = train(_config(tiny_model_dir, small_data, resumed))
+    assert first.stopped == "interrupted" and first.steps == 4
+    assert [p.name for p in complete_checkpoints(resumed / "checkpoints")][-1] == "step-0000004"
+    monkeypatch.setattr(train_module.MetricsLog, "log", original_log)
+
+    second = train(_config(tiny_model_dir, small_data, resumed, "resume=true"))
+    assert second.steps == 6 and second.stopped == "max_steps"
+    assert _metric(resumed, "train_loss") == _metric(straight, "train_loss")  # bit-identical, dropout included
+    assert _metric(resumed, "val_loss") == _metric(straight, "val_loss")
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_mid_training_keeps_last_complete_checkpoint_and_resumes(tiny_model_dir, small_data, tmp_path,
+                                                                       monkeypatch):
+    straight = tmp_path / "straight"
+    train(_config(tiny_model_dir, small_data, straight))
+    crashed = tmp_path / "crashed"
+    original = train_module.causal_lm_loss
+    calls = {"n": 0}
+
+    def crash_in_step_5(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("power cut")
+        return original(model, batch)
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", crash_in_step_5)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(_config(tiny_model_dir, small_data, crashed, "save_every=2"))
+    assert [p.name for p in complete_checkpoints(crashed / "checkpoints")] == ["step-0000002", "step-0000004"]
+    monkeypatch.setattr(train_module, "causal_lm_loss", original)
+    train(_config(tiny_model_dir, small_data, crashed, "save_every=2", "resume=true"))
+    assert _metric(crashed, "train_loss") == _metric(straight, "train_loss")
+    a, b = _adapter(straight), _adapter(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_incomplete_checkpoint_is_ignored(tiny_model_dir, small_data, tmp_path):
+    train(_config(tiny_model_dir, small_data, tmp_path, "save_every=3"))
+    broken = tmp_path / "checkpoints" / "step-0000099"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(b"half written")
+    assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step-0000006"
+
+
+def _nan_at(calls_to_poison: set[int], monkeypatch):
+    original = train_module.causal_lm_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, count = original(model, batch)
+        return (loss * float("nan"), count) if calls["n"] in calls_to_poison else (loss, count)
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", poisoned)
+
+
+def test_nan_step_is_skipped_and_counted(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    _nan_at({2, 3}, monkeypatch)
+    result = train(_config(tiny_model_dir, small_data, tmp_path))
+    assert result.steps == 6 and result.skipped_steps == 2
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path).values())
+
+
+def test_nan_k_times_in_a_row_stops_with_a_clear_error(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    _nan_at(set(range(3, 100)), monkeypatch)
+    with pytest.raises(TrainingError, match="NaN/inf for 3 steps in a row"):
+        train(_config(tiny_model_dir, small_data, tmp_path, "max_bad_steps=3", "save_every=2"))
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, small_data, tmp_path):
+    # A huge learning rate makes validation loss worse after the first evaluation.
+    result = train(_config(tiny_model_dir, small_data, tmp_path, "lr=0.5", "max_steps=40", "eval_every=1",
+                           "patience=2", "max_grad_norm=null", "schedule=constant"))
+    assert result.stopped == "early_stopping" and result.steps < 40
+    val = _metric(tmp_path, "val_loss")
+    assert result.best_val_loss == min(val) and len(val) >= 3
+    assert (tmp_path / "best" / "adapter_model.safetensors").exists()
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate(tiny_model_dir):
+    from loraforge.models import load_model
+
+    config = TrainConfig(lr=1e-3, lora={"r": 2, "plus_ratio": 16})
+    lora = LoraModel(load_model(str(tiny_model_dir))[0], config.lora)
+    groups = parameter_groups(lora, config)
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    names = {id(p): n for n, p in lora.named_parameters()}
+    assert {names[id(p)].split(".")[-3] for p in groups[0]["params"]} == {"lora_A"}
+    assert {names[id(p)].split(".")[-3] for p in groups[1]["params"]} == {"lora_B"}
+    assert len(groups[0]["params"]) == len(groups[1]["params"]) == 2 * 7
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    config = TrainConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(s, 20, config) for s in range(20)]
+    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert factors[4] == pytest.approx(1.0) and factors[-1] > 0.1 and lr_factor(20, 20, config) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert lr_factor(10, 20, TrainConfig(schedule="linear")) == pytest.approx(0.5)
+    assert lr_factor(10, 20, TrainConfig(schedule="constant")) == 1.0
