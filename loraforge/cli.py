@@ -23,8 +23,14 @@ def _train(args: argparse.Namespace) -> None:
 
     from loraforge.config import config_to_yaml, load_train_config
 
-    config = load_train_config(args.config, args.overrides)
     console = Console()
+    config_file = args.config
+    if config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides):
+        from loraforge.demo import DEMO_CONFIG
+
+        config_file = DEMO_CONFIG
+        console.print(f"no data given: the bundled demo ({DEMO_CONFIG.name}: JSON extraction from order messages)")
+    config = load_train_config(config_file, args.overrides)
     if args.print_config:
         console.print(config_to_yaml(config), end="", markup=False, highlight=False)
         return
@@ -54,7 +60,8 @@ def _compare(config, adapter_dir: Path, console) -> None:
     lora = LoraModel.from_pretrained(model, adapter_dir)
     console.print(f"answering {min(len(conversations), config.compare_samples)} held-out test prompts "
                   "with the base model and with the adapter …")
-    result = compare_answers(lora, tokenizer, conversations, config.compare_samples, config.max_new_tokens)
+    result = compare_answers(lora, tokenizer, conversations, config.compare_samples, config.max_new_tokens,
+                             batch_size=32)
     (config.output / "comparison.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
 
     table = Table(title=f"held-out test prompts: {result['metric']} (n={result['n']})")
@@ -151,7 +158,7 @@ def _eval(args: argparse.Namespace) -> None:
     from loraforge.data import DataReport, load_conversations, tokenize
     from loraforge.evaluate import evaluate_loss
 
-    run = Path(args.run) if args.run else None
+    run = Path(args.run_dir) if args.run_dir else None
     config = load_train_config(run / "config.yaml") if run else TrainConfig()
     model_name = args.model or config.model
     adapter = args.adapter or (str(run / "best") if run and (run / "best").exists() else
@@ -201,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=_merge)
 
     evaluate = commands.add_parser("eval", help="loss and perplexity of base and adapter on a split")
-    evaluate.add_argument("run", nargs="?", help="run folder of `loraforge train`")
+    evaluate.add_argument("run_dir", nargs="?", help="run folder of `loraforge train`")
     evaluate.add_argument("--split", choices=["validation", "test", "train"], default="test")
     evaluate.add_argument("--data", help="JSONL file instead of the run's split")
     evaluate.add_argument("--model", help="base model (default: the run's)")

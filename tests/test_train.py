@@ -172,3 +172,15 @@ def test_schedule_warmup_then_cosine_to_min():
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
     assert lr_factor(10, 20, TrainConfig(schedule="linear")) == pytest.approx(0.5)
     assert lr_factor(10, 20, TrainConfig(schedule="constant")) == 1.0
+
+
+@pytest.mark.slow
+def test_a_few_steps_on_the_real_smollm2(small_data, tmp_path):
+    config = load_train_config(None, [
+        f"data={small_data}", f"output={tmp_path}", "max_steps=4", "batch_size=4", "lr=1e-3", "lora.r=8",
+        "eval_every=2", "compare=false", "tensorboard=false", "max_seq_len=128"])
+    result = train(config)
+    assert result.steps == 4 and result.losses[-1] < result.losses[0]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert saved["r"] == 8 and len(saved["target_modules"]) == 7

@@ -9,5 +9,6 @@ Regenerate the file with `python -m loraforge.demo.make_dataset` (deterministic:
 from pathlib import Path
 
 DEMO_DATA = Path(__file__).with_name("orders.jsonl")
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # training settings used when no data is given
 
-__all__ = ["DEMO_DATA"]
+__all__ = ["DEMO_CONFIG", "DEMO_DATA"]

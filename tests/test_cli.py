@@ -1,0 +1,110 @@
+"""The `loraforge` command on a tiny model: train → chat → eval → merge, config handling, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loraforge.cli import main
+from loraforge.demo import DEMO_DATA
+from loraforge.evaluate import generate_answers
+from loraforge.lora import LoraModel
+from loraforge.models import load_model
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("cli-data") / "orders.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:30]))
+    run = tmp_path_factory.mktemp("cli-run")
+    code = main(["train", f"model={tiny_model_dir}", f"data={data}", f"output={run}", "max_steps=3",
+                 "batch_size=4", "lora.r=4", "compare_samples=3", "max_new_tokens=4", "tensorboard=false",
+                 "max_seq_len=128"])
+    assert code == 0
+    return run
+
+
+def test_train_writes_adapter_and_comparison(trained_run, tiny_model_dir):
+    assert (trained_run / "adapter" / "adapter_model.safetensors").exists()
+    comparison = json.loads((trained_run / "comparison.json").read_text())
+    assert comparison["n"] == 3 and len(comparison["samples"]) == 3
+    assert set(comparison["samples"][0]) == {"prompt", "reference", "base", "tuned"}
+    config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_chat_one_shot_answer_equals_library_greedy_answer(trained_run, tiny_model_dir, capsys):
+    assert main(["chat", "--adapter", f"mine={trained_run / 'adapter'}", "--prompt", "hello",
+                 "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load_model(str(tiny_model_dir))
+    lora = LoraModel.from_pretrained(model, trained_run / "adapter")
+    expected = generate_answers(lora, tokenizer, [[{"role": "user", "content": "hello"}]], max_new_tokens=5)[0]
+    assert printed == expected + "\n"
+
+
+def test_chat_interactive_switches_adapters(trained_run, monkeypatch, capsys):
+    lines = iter(["/use base", "hello", "/use adapter", "/use nope", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--adapter", str(trained_run / "adapter"), "--max-new-tokens", "2"]) == 2
+    out = capsys.readouterr()
+    assert "active: base" in out.out and "active: ('adapter',)" in out.out
+    assert "unknown adapter(s) ['nope']" in out.err
+
+
+def test_eval_reports_loss_for_base_and_adapter(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--split", "validation"]) == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "adapter" in out and "perplexity" in out
+
+
+def test_merge_writes_a_plain_model_equal_to_the_adapter(trained_run, tmp_path):
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained_run / "adapter"), "--output", str(merged_dir)]) == 0
+    config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    model, tokenizer = load_model(config["base_model_name_or_path"])
+    lora = LoraModel.from_pretrained(model, trained_run / "adapter")
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = tokenizer("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, lora(ids).logits, atol=1e-4, rtol=0)
+    assert (merged_dir / "tokenizer_config.json").exists()
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+
+
+def test_print_config_and_yaml_plus_overrides(tmp_path, capsys):
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text("data: chats.jsonl\nlora:\n  r: 4\nlr: 1.0e-4\n")
+    assert main(["train", str(config_file), "lora.r=32", "max_steps=7", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "  r: 32" in out and "max_steps: 7" in out and "lr: 0.0001" in out and "path: chats.jsonl" in out
+
+
+def test_no_arguments_means_the_demo_config(capsys):
+    assert main(["train", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 60" in out and "model: default" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "lora.rank=4", "--print-config"], "lora.rank: Extra inputs are not permitted"),
+    (["train", "batch_size=zero", "--print-config"], "batch_size: Input should be a valid integer"),
+    (["train", "data.split=[0.5,0.6,0.1]", "--print-config"], "data.split: Value error, must be three"),
+    (["train", "nonsense", "--print-config"], "config file nonsense does not exist"),
+    (["chat", "--model", "/no/such/model", "--prompt", "x"], "model path /no/such/model does not exist"),
+])
+def test_errors_are_one_clear_line_without_traceback(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_data_file_error_names_file_and_line(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                    '{"messages": [{"role": "user", "content": "q"}]\n')
+    assert main(["train", f"model={tiny_model_dir}", f"data={data}", f"output={tmp_path / 'run'}"]) == 2
+    assert f"{data}:2: not valid JSON" in capsys.readouterr().err
