@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: install
-	$(BIN)/loraforge demo
+	$(BIN)/loraforge train
 
 test: install-test
 	$(BIN)/python -m pytest -q -m "not slow"
