@@ -141,13 +141,24 @@ def test_nan_k_times_in_a_row_stops_with_a_clear_error(tiny_model_dir, small_dat
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
 
 
-def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, small_data, tmp_path):
-    # A huge learning rate makes validation loss worse after the first evaluation.
-    result = train(_config(tiny_model_dir, small_data, tmp_path, "lr=0.5", "max_steps=40", "eval_every=1",
-                           "patience=2", "max_grad_norm=null", "schedule=constant"))
-    assert result.stopped == "early_stopping" and result.steps < 40
-    val = _metric(tmp_path, "val_loss")
-    assert result.best_val_loss == min(val) and len(val) >= 3
+def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # best at the 2nd evaluation, then two without improvement
+    saved_at = []
+    original_save = LoraModel.save
+
+    def fake_evaluate(*args, **kwargs):
+        return {"loss": next(scripted), "perplexity": 1.0, "tokens": 1}
+
+    def recording_save(self, directory, adapter_names=None):
+        saved_at.append(directory.name)
+        return original_save(self, directory, adapter_names)
+
+    monkeypatch.setattr(train_module, "evaluate_loss", fake_evaluate)
+    monkeypatch.setattr(LoraModel, "save", recording_save)
+    result = train(_config(tiny_model_dir, small_data, tmp_path, "max_steps=40", "eval_every=2", "patience=2"))
+    assert result.stopped == "early_stopping" and result.steps == 8
+    assert result.best_val_loss == 2.0 and _metric(tmp_path, "val_loss") == [3.0, 2.0, 2.5, 2.6]
+    assert saved_at.count("best") == 2  # after evaluations 1 and 2 only
     assert (tmp_path / "best" / "adapter_model.safetensors").exists()
 
 
@@ -184,3 +195,18 @@ def test_a_few_steps_on_the_real_smollm2(small_data, tmp_path):
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert saved["r"] == 8 and len(saved["target_modules"]) == 7
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 with a grad scaler needs CUDA (run on the GPU machine)"))])
+def test_mixed_precision_trains_with_fp32_adapters(tiny_model_dir, small_data, tmp_path, precision):
+    result = train(_config(tiny_model_dir, small_data, tmp_path, f"precision={precision}", "lr=5e-2"))
+    assert result.steps == 6 and result.skipped_steps == 0 and result.losses[-1] < result.losses[0]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in _adapter(tmp_path).values())
+
+
+def test_fp16_on_cpu_is_a_config_error(tiny_model_dir, small_data, tmp_path):
+    from loraforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        train(_config(tiny_model_dir, small_data, tmp_path, "precision=fp16", "device=cpu"))
