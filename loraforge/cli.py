@@ -1,4 +1,4 @@
-"""The `loraforge` command: train, chat, merge, eval. Errors users can cause print one clear message
+"""The `loraforge` command: train, chat, merge, eval, report. Errors users can cause print one clear message
 (tracebacks with --debug)."""
 
 from __future__ import annotations
@@ -34,51 +34,64 @@ def _train(args: argparse.Namespace) -> None:
     if args.print_config:
         console.print(config_to_yaml(config), end="", markup=False, highlight=False)
         return
-    from loraforge.train import train
+    from loraforge.evaluate import evaluate_models
+    from loraforge.train import resolve_device, train
 
     result = train(config, console)
     if config.compare and config.compare_samples:
-        _compare(config, result.best_adapter or result.adapter, console)
+        lora, tokenizer = _load_for_inference(config.model, [f"tuned={result.best_adapter or result.adapter}"],
+                                              device=resolve_device(config)[0])
+        test = _read_conversations(config.output / "data" / "test.jsonl")
+        if not test:
+            console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
+        else:
+            console.print(f"answering {min(len(test), config.compare_samples)} held-out test prompts with the base "
+                          "model and with the adapter …")
+            evaluation = evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
+                                         config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len)
+            _write_json(config.output / "evaluation.json", {"split": "test", **evaluation})
+            _print_evaluation(evaluation, console)
+    if config.report:
+        from loraforge.report import write_report
+
+        console.print(f"report: {write_report(config.output)[0]}")
 
 
-def _compare(config, adapter_dir: Path, console) -> None:
+def _read_conversations(path: Path) -> list:
+    from loraforge.data import Conversation, read_rows, to_messages
+
+    if not path.exists():
+        return []
+    return [Conversation(to_messages(row, "messages"), source) for source, row in read_rows(path)]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def _print_evaluation(evaluation: dict, console, samples: int = 4) -> None:
     from rich.table import Table
 
-    from loraforge.data import Conversation, read_rows, to_messages
-    from loraforge.evaluate import compare_answers
-    from loraforge.lora import LoraModel
-    from loraforge.models import load_model
-    from loraforge.train import resolve_device
-
-    test_file = config.output / "data" / "test.jsonl"
-    conversations = [Conversation(to_messages(row, "messages"), source) for source, row in read_rows(test_file)]
-    if not conversations:
-        console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
-        return
-    device, _ = resolve_device(config)
-    model, tokenizer = load_model(config.model, device=device)
-    lora = LoraModel.from_pretrained(model, adapter_dir)
-    console.print(f"answering {min(len(conversations), config.compare_samples)} held-out test prompts "
-                  "with the base model and with the adapter …")
-    result = compare_answers(lora, tokenizer, conversations, config.compare_samples, config.max_new_tokens,
-                             batch_size=32)
-    (config.output / "comparison.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-
-    table = Table(title=f"held-out test prompts: {result['metric']} (n={result['n']})")
+    table = Table(title=f"held-out prompts (n={evaluation['n']})")
     table.add_column("model")
-    table.add_column(result["metric"], justify="right")
-    table.add_row("base", f"{100 * result['base']:.1f}%")
-    table.add_row(f"tuned ({adapter_dir.name})", f"{100 * result['tuned']:.1f}%")
+    columns = [c for c in ("loss", "perplexity") if any(c in row for row in evaluation["models"].values())]
+    for column in columns + evaluation["metric_names"]:
+        table.add_column(column, justify="right")
+    for model, row in evaluation["models"].items():
+        cells = [f"{row[c]:.4f}" for c in columns]
+        cells += [f"{row[m]:.1f}" if m in ("bleu", "chrf") else f"{100 * row[m]:.1f}%"
+                  for m in evaluation["metric_names"]]
+        table.add_row(model, *cells)
     console.print(table)
-    samples = Table(title="answers side by side", show_lines=True)
-    for column in ("prompt", "reference", "base", "tuned"):
-        samples.add_column(column, overflow="fold")
-    for sample in result["samples"][:4]:
-        samples.add_row(sample["prompt"], sample["reference"], sample["base"], sample["tuned"])
-    console.print(samples)
+    side = Table(title="answers side by side", show_lines=True)
+    for column in ["prompt", "reference", *evaluation["models"]]:
+        side.add_column(column, overflow="fold")
+    for sample in evaluation["samples"][:samples]:
+        side.add_row(sample["prompt"], sample["reference"], *sample["answers"].values())
+    console.print(side)
 
 
-def _load_for_inference(model_name: str | None, adapters: list[str]):
+def _load_for_inference(model_name: str | None, adapters: list[str], device: str = "cpu"):
     """Base model plus named adapters: each entry is DIR or NAME=DIR (name defaults to the folder name)."""
     from loraforge.lora import LoraModel
     from loraforge.lora.files import read_adapter_files
@@ -86,7 +99,7 @@ def _load_for_inference(model_name: str | None, adapters: list[str]):
 
     if model_name is None and adapters:
         model_name = read_adapter_files(Path(adapters[0].rpartition("=")[2]))[0].base_model_name_or_path
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, device=device)
     lora = LoraModel(model)
     for entry in adapters:
         name, sep, directory = entry.partition("=")
@@ -154,30 +167,54 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from loraforge.config import TrainConfig, load_train_config
-    from loraforge.data import DataReport, load_conversations, tokenize
-    from loraforge.evaluate import evaluate_loss
+    from rich.console import Console
 
+    from loraforge.config import TrainConfig, load_train_config
+    from loraforge.evaluate import consistency, evaluate_models, resources
+    from loraforge.models import resolve_model_path
+
+    console = Console()
     run = Path(args.run_dir) if args.run_dir else None
-    config = load_train_config(run / "config.yaml") if run else TrainConfig()
-    model_name = args.model or config.model
-    adapter = args.adapter or (str(run / "best") if run and (run / "best").exists() else
-                               str(run / "adapter") if run else None)
+    config = load_train_config(run / "config.yaml") if run and (run / "config.yaml").exists() else TrainConfig()
+    adapters = args.adapter or ([f"tuned={run / 'best'}"] if run and (run / "best").exists() else
+                                [f"tuned={run / 'adapter'}"] if run and (run / "adapter").exists() else [])
     data_file = Path(args.data) if args.data else (run / "data" / f"{args.split}.jsonl" if run else None)
     if data_file is None:
         raise LoraforgeError("eval needs a run folder or --data FILE")
-    lora, tokenizer = _load_for_inference(model_name, [f"default={adapter}"] if adapter else [])
-    conversations = load_conversations(data_file, config.data.model_copy(update={"dedupe": False}), DataReport())
-    examples = [tokenize(tokenizer, c.messages, config.max_seq_len) for c in conversations]
-    device = next(lora.parameters()).device
-    rows = {}
-    with lora.disable_adapters():
-        rows["base"] = evaluate_loss(lora, examples, tokenizer.pad_token_id, args.batch_size, device)
-    if adapter:
-        rows["adapter"] = evaluate_loss(lora, examples, tokenizer.pad_token_id, args.batch_size, device)
-    for name, result in rows.items():
-        print(f"{name:8s} {data_file.name}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-              f"({result['tokens']} target tokens)")
+    conversations = _read_conversations(data_file)
+    if not conversations:
+        raise LoraforgeError(f"no conversations in {data_file}")
+    lora, tokenizer = _load_for_inference(args.model or config.model, adapters, device=args.device)
+    names = list(lora.configs)
+    console.print(f"evaluating base + {names or 'no adapter'} on {min(len(conversations), args.samples)} "
+                  f"conversations of {data_file}")
+    evaluation = {"split": args.split if not args.data else str(data_file),
+                  **evaluate_models(lora, tokenizer, conversations, names, args.metrics, args.samples,
+                                    args.max_new_tokens, args.batch_size, config.max_seq_len)}
+    if args.consistency:
+        evaluation["consistency"] = consistency(lora, tokenizer, conversations, names, prompts=args.consistency,
+                                                max_new_tokens=args.max_new_tokens)
+    if names and not args.no_resources:
+        adapter_dir = Path(adapters[0].rpartition("=")[2])
+        evaluation["resources"] = resources(lora, tokenizer, names[0], adapter_dir,
+                                            resolve_model_path(args.model or config.model),
+                                            conversations[0].messages[:-1])
+    _print_evaluation(evaluation, console)
+    output = Path(args.output) if args.output else (run / "evaluation.json" if run else None)
+    if output:
+        _write_json(output, evaluation)
+        console.print(f"written: {output}")
+    if run and args.report:
+        from loraforge.report import write_report
+
+        console.print(f"report: {write_report(run)[0]}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from loraforge.report import write_report
+
+    html, data = write_report(Path(args.run_dir))
+    print(f"report: {html}\ndata: {data}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,14 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter)")
     merge.set_defaults(run=_merge)
 
-    evaluate = commands.add_parser("eval", help="loss and perplexity of base and adapter on a split")
-    evaluate.add_argument("run_dir", nargs="?", help="run folder of `loraforge train`")
+    evaluate = commands.add_parser("eval", help="base vs adapters: loss, answer metrics, consistency, cost")
+    evaluate.add_argument("run_dir", nargs="?", help="run folder of `loraforge train` (its split, config, adapter)")
     evaluate.add_argument("--split", choices=["validation", "test", "train"], default="test")
     evaluate.add_argument("--data", help="JSONL file instead of the run's split")
     evaluate.add_argument("--model", help="base model (default: the run's)")
-    evaluate.add_argument("--adapter", help="adapter folder (default: the run's best, else last)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--adapter", action="append", default=[],
+                          help="adapter folder or NAME=DIR, repeatable (default: the run's best, else last)")
+    evaluate.add_argument("--metrics", default="auto", type=lambda v: v if v == "auto" else v.split(","),
+                          help="auto, or a comma list of exact_match,token_f1,rouge1,rouge2,rougeL,bleu,chrf,"
+                               "accuracy,macro_f1")
+    evaluate.add_argument("--samples", type=int, default=100, help="held-out conversations to answer")
+    evaluate.add_argument("--consistency", type=int, default=10, metavar="N",
+                          help="prompts asked 5 times at temperature 0.7 (0: skip)")
+    evaluate.add_argument("--no-resources", action="store_true", help="skip the size / latency / memory check")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--output", help="where to write evaluation.json (default: the run folder)")
+    evaluate.add_argument("--report", action="store_true", help="also write the run's HTML report")
     evaluate.set_defaults(run=_eval)
+
+    report = commands.add_parser("report", help="write report.html + report.json for a run folder")
+    report.add_argument("run_dir", help="run folder of `loraforge train`")
+    report.set_defaults(run=_report)
     return parser
 
 

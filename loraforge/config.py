@@ -125,6 +125,11 @@ class TrainConfig(Section):
     compare: bool = Field(True, description="After training, answer held-out test prompts with base and tuned model.")
     compare_samples: int = Field(100, ge=0, description="Test prompts answered by base and tuned model.")
     max_new_tokens: int = Field(64, ge=1, description="Answer length cap for the comparison.")
+    eval_metrics: list[str] | str = Field(
+        "auto", description="Answer metrics of the comparison: 'auto', or a list of exact_match, token_f1, rouge1, "
+        "rouge2, rougeL, bleu, chrf, accuracy, macro_f1."
+    )
+    report: bool = Field(True, description="Write report.html / report.json into the run folder at the end.")
     tensorboard: bool = Field(True, description="Write TensorBoard logs to output/tensorboard.")
 
     @field_validator("data", mode="before")

@@ -1,11 +1,16 @@
-"""Held-out loss and answers: how good is the model, before and after the adapter."""
+"""Held-out loss, answers, consistency and resources: how much better is the model with the adapter, and
+what does it cost to run."""
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
-from contextlib import nullcontext
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from loraforge.data import IGNORE_INDEX, Example, Messages, collate, render
+from loraforge.metrics import choose_metrics, normalize, score
 
 
 def _plain_head(model: nn.Module) -> bool:
@@ -90,41 +96,157 @@ def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, promp
     return answers
 
 
-def _as_json(text: str):
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
-
-
-def answers_match(prediction: str, reference: str) -> bool:
-    """Exact match; when the reference is JSON, equal parsed values (key order and spacing don't matter)."""
-    expected = _as_json(reference)
-    if expected is not None and isinstance(expected, (dict, list)):
-        return _as_json(prediction.strip()) == expected
-    return " ".join(prediction.split()).lower() == " ".join(reference.split()).lower()
-
-
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    return sum(answers_match(p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
-
-
-def compare_answers(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, limit: int,
-                    max_new_tokens: int, batch_size: int = 16) -> dict:
-    """Base vs adapter on the same held-out prompts: exact-match accuracy of each and the answers."""
+def _answer_prompts(conversations: Sequence, limit: int | None) -> tuple[list[Messages], list[str]]:
     chosen = list(conversations)[:limit]
-    prompts = [c.messages[:-1] for c in chosen]
-    references = [c.messages[-1]["content"] for c in chosen]
-    with lora.disable_adapters():
-        base = generate_answers(lora, tokenizer, prompts, max_new_tokens, batch_size)
-    tuned = generate_answers(lora, tokenizer, prompts, max_new_tokens, batch_size)
+    return [c.messages[:-1] for c in chosen], [c.messages[-1]["content"] for c in chosen]
+
+
+@contextmanager
+def running(lora, name: str | None) -> Iterator[None]:
+    """Run `lora` as the base model (name None) or with one adapter; the active set comes back after."""
+    previous = lora.active_adapters
+    lora.set_active([] if name is None else [name])
+    try:
+        yield
+    finally:
+        lora.set_active(previous)
+
+
+def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapters: Sequence[str],
+                    metric_names: Sequence[str] | str = "auto", limit: int | None = 100, max_new_tokens: int = 64,
+                    batch_size: int = 16, max_seq_len: int = 512, with_loss: bool = True) -> dict:
+    """Base and each adapter on the same held-out conversations: loss / perplexity, answer metrics and the
+    answers themselves (the evaluation.json the report shows)."""
+    from loraforge.data import tokenize
+
+    prompts, references = _answer_prompts(conversations, limit)
+    names = choose_metrics(references, metric_names)
+    device = next(lora.parameters()).device
+    examples = [tokenize(tokenizer, c.messages, max_seq_len) for c in list(conversations)[:limit]] if with_loss else []
+    models: dict[str, dict] = {}
+    answers: dict[str, list[str]] = {}
+    for label, adapter in [("base", None)] + [(a, a) for a in adapters]:
+        with running(lora, adapter):
+            row = {}
+            if examples:
+                loss = evaluate_loss(lora, examples, tokenizer.pad_token_id, batch_size, device)
+                row.update(loss=loss["loss"], perplexity=loss["perplexity"])
+            answers[label] = generate_answers(lora, tokenizer, prompts, max_new_tokens, batch_size)
+            row.update(score(answers[label], references, names))
+            models[label] = row
+    samples = [{"prompt": p[-1]["content"], "reference": r, "answers": {m: answers[m][i] for m in answers}}
+               for i, (p, r) in enumerate(zip(prompts, references))]
+    return {"n": len(references), "metric_names": names, "models": models, "samples": samples}
+
+
+@torch.no_grad()
+def consistency(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapters: Sequence[str],
+                prompts: int = 10, samples_per_prompt: int = 5, temperature: float = 0.7,
+                max_new_tokens: int = 64, seed: int = 0) -> dict[str, dict]:
+    """Ask the same question several times at a temperature: how often the answers agree with the most
+    common one, and how many distinct answers there are, per model."""
+    questions, _ = _answer_prompts(conversations, prompts)
+    device = next(lora.parameters()).device
+    result = {}
+    for label, adapter in [("base", None)] + [(a, a) for a in adapters]:
+        agreement, distinct = [], []
+        with running(lora, adapter):
+            torch.manual_seed(seed)
+            for question in questions:
+                inputs = tokenizer(render(tokenizer, question, generation_prompt=True), return_tensors="pt",
+                                   add_special_tokens=False).to(device)
+                out = lora.generate(**inputs, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
+                                    num_return_sequences=samples_per_prompt, pad_token_id=tokenizer.pad_token_id)
+                texts = [normalize(tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+                         for row in out]
+                counts = Counter(texts)
+                agreement.append(counts.most_common(1)[0][1] / len(texts))
+                distinct.append(len(counts))
+        result[label] = {"agreement": sum(agreement) / len(agreement), "distinct": sum(distinct) / len(distinct),
+                         "samples_per_prompt": samples_per_prompt, "temperature": temperature,
+                         "prompts": len(questions)}
+    return result
+
+
+class PeakMemory:
+    """Peak memory of a block: max allocated on CUDA, else the process's resident set sampled every 5 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        process, self._stop = psutil.Process(), threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+@torch.no_grad()
+def generation_latency(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32,
+                       repeats: int = 3) -> dict[str, float]:
+    """Median milliseconds per generated token (greedy, a fixed number of tokens) and peak memory."""
+    model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+    times = []
+    with PeakMemory(input_ids.device) as memory:
+        for _ in range(repeats):
+            if input_ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            if input_ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000 / new_tokens)
+    return {"ms_per_token": statistics.median(times), "peak_mb": memory.peak_mb}
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def resources(lora, tokenizer: PreTrainedTokenizerBase, adapter: str, adapter_dir: Path | None,
+              base_dir: Path | None, prompt: Messages, new_tokens: int = 32) -> dict:
+    """Adapter size vs base, trainable parameters, and generation latency / peak memory for the base,
+    the adapter unmerged, and the adapter merged (which must cost what the base costs)."""
+    adapter_params = sum(p.numel() for p in lora.adapter_parameters(adapter))
+    total = sum(p.numel() for p in lora.parameters())
+    base_params = total - sum(p.numel() for name in lora.configs for p in lora.adapter_parameters(name))
+    device = next(lora.parameters()).device
+    input_ids = tokenizer(render(tokenizer, prompt, generation_prompt=True), return_tensors="pt",
+                          add_special_tokens=False)["input_ids"].to(device)
+    latency = {}
+    with running(lora, None):
+        latency["base"] = generation_latency(lora, input_ids, new_tokens)
+    with running(lora, adapter):
+        latency["unmerged"] = generation_latency(lora, input_ids, new_tokens)
+        # Base and merged both run through the (then idle) wrappers, so the gap to the base is the adapter's
+        # own cost: zero once merged.
+        lora.merge([adapter])
+        try:
+            latency["merged"] = generation_latency(lora, input_ids, new_tokens)
+        finally:
+            lora.unmerge()
     return {
-        "metric": "exact match" + (" (JSON-aware)" if references and _as_json(references[0]) is not None else ""),
-        "n": len(chosen),
-        "base": exact_match(base, references),
-        "tuned": exact_match(tuned, references),
-        "samples": [
-            {"prompt": p[-1]["content"], "reference": r, "base": b, "tuned": t}
-            for p, r, b, t in zip(prompts, references, base, tuned)
-        ],
+        "base_params": base_params, "trainable_params": adapter_params,
+        "trainable_percent": 100 * adapter_params / max(base_params, 1),
+        "adapter_mb": folder_mb(adapter_dir) if adapter_dir else None,
+        "base_mb": folder_mb(base_dir) if base_dir else None,
+        "latency": latency,
     }

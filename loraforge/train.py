@@ -268,10 +268,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             step += 1
             losses.append(loss)
 
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-            speed = tokens / (time.perf_counter() - tick)
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # real tokens, no padding
+            seconds = time.perf_counter() - tick
+            speed = tokens / seconds
             lr = optimizer.param_groups[0]["lr"]
-            metrics.log(step, train_loss=loss, lr=lr, tokens_per_s=speed, grad_norm=grad_norm)
+            metrics.log(step, train_loss=loss, lr=lr, tokens_per_s=speed, grad_norm=grad_norm, step_s=seconds)
             progress.update(bar, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{speed:.0f}")
 
             if step % eval_every == 0 or step == steps:

@@ -27,11 +27,14 @@ def trained_run(tiny_model_dir, tmp_path_factory):
     return run
 
 
-def test_train_writes_adapter_and_comparison(trained_run, tiny_model_dir):
+def test_train_writes_adapter_evaluation_and_report(trained_run, tiny_model_dir):
     assert (trained_run / "adapter" / "adapter_model.safetensors").exists()
-    comparison = json.loads((trained_run / "comparison.json").read_text())
-    assert comparison["n"] == 3 and len(comparison["samples"]) == 3
-    assert set(comparison["samples"][0]) == {"prompt", "reference", "base", "tuned"}
+    evaluation = json.loads((trained_run / "evaluation.json").read_text())
+    assert evaluation["n"] == 3 and len(evaluation["samples"]) == 3 and evaluation["split"] == "test"
+    assert list(evaluation["models"]) == ["base", "tuned"]
+    assert set(evaluation["samples"][0]["answers"]) == {"base", "tuned"}
+    assert "exact_match" in evaluation["models"]["tuned"] and "loss" in evaluation["models"]["tuned"]
+    assert (trained_run / "report.html").exists() and (trained_run / "report.json").exists()
     config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
 
@@ -55,10 +58,16 @@ def test_chat_interactive_switches_adapters(trained_run, monkeypatch, capsys):
     assert "unknown adapter(s) ['nope']" in out.err
 
 
-def test_eval_reports_loss_for_base_and_adapter(trained_run, capsys):
-    assert main(["eval", str(trained_run), "--split", "validation"]) == 0
-    out = capsys.readouterr().out
-    assert "base" in out and "adapter" in out and "perplexity" in out
+def test_eval_writes_metrics_consistency_and_resources(trained_run, tmp_path, capsys):
+    output = tmp_path / "evaluation.json"
+    assert main(["eval", str(trained_run), "--split", "validation", "--samples", "3", "--consistency", "2",
+                 "--max-new-tokens", "4", "--metrics", "exact_match,rougeL", "--output", str(output)]) == 0
+    evaluation = json.loads(output.read_text())
+    assert evaluation["metric_names"] == ["exact_match", "rougeL"] and evaluation["n"] == 3
+    assert set(evaluation["consistency"]) == {"base", "tuned"}
+    assert evaluation["resources"]["trainable_params"] > 0
+    assert set(evaluation["resources"]["latency"]) == {"base", "unmerged", "merged"}
+    assert "perplexity" in capsys.readouterr().out
 
 
 def test_merge_writes_a_plain_model_equal_to_the_adapter(trained_run, tmp_path):
