@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 # torch is pinned so that pip takes the CPU wheel where one is cached; any torch in pyproject's range works.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test demo test test-slow clean
+.PHONY: install install-test install-bench demo test test-slow bench clean
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -24,6 +24,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) install -e ".[bench]"
+	touch $@
+
+install-bench: $(VENV)/.installed-bench
+
 demo: install
 	$(BIN)/loraforge train
 
@@ -32,6 +38,11 @@ test: install-test
 
 test-slow: install-test
 	$(BIN)/python -m pytest -q -m slow
+
+# loraforge vs PEFT + TRL on the same fine-tune (see BENCHMARKS.md); several minutes on a CPU.
+bench: install-bench
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_train.py --micro
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -88,7 +88,8 @@ def run_loraforge(args) -> dict:
             f"model={args.model}", f"output={out}", f"max_steps={args.steps}", f"batch_size={args.batch}",
             f"lr={BENCH_LR}", "schedule=cosine", f"eval_every={args.steps}", "compare=false", "report=false",
             "tensorboard=false", f"max_seq_len={MAX_SEQ_LEN}", "lora.r=16", "lora.alpha=32", f"device={args.device}",
-            f"precision={args.precision}", "max_grad_norm=1.0"])
+            f"precision={args.precision}", "max_grad_norm=1.0",
+            f"gradient_checkpointing={str(args.checkpointing).lower()}"])
         start = time.perf_counter()
         result = train(config)
         wall = time.perf_counter() - start
@@ -114,7 +115,9 @@ def run_peft_trl(args) -> dict:
             lr_scheduler_type="cosine", warmup_steps=0, logging_steps=args.steps, save_strategy="no", report_to=[],
             max_length=MAX_SEQ_LEN, completion_only_loss=True, use_cpu=args.device == "cpu", seed=0,
             bf16=args.precision == "bf16", dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
-            optim="adamw_torch_fused" if args.device.startswith("cuda") else "adamw_torch")
+            optim="adamw_torch_fused" if args.device.startswith("cuda") else "adamw_torch",
+            # TRL turns checkpointing on by default; the same job means the same setting on both sides.
+            gradient_checkpointing=args.checkpointing)
         lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -162,13 +165,12 @@ def micro(args) -> dict:
     embed = model.get_input_embeddings()
 
     def bound():
-        # Gradient w.r.t. the input activations forces the whole backward-to-activations pass, no weight grads.
+        # Gradient w.r.t. the input activations forces the whole backward-to-activations pass, no weight grads;
+        # the same loss code as the LoRA step (output head on target positions only).
         hidden = embed(batch["input_ids"]).detach().requires_grad_(True)
         with autocast():
-            out = model(inputs_embeds=hidden, attention_mask=batch["attention_mask"]).logits
-            loss = torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1).float(),
-                                                     batch["labels"][:, 1:].flatten(), ignore_index=-100)
-        loss.backward()
+            loss, n = causal_lm_loss(model, {**batch, "inputs_embeds": hidden})
+        (loss / n).backward()
 
     results = {"bound_s": timed(bound)}
     lora = LoraModel(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
@@ -207,7 +209,7 @@ def worker(args) -> None:
 def spawn(args, role: str) -> dict:
     command = [sys.executable, __file__, "--worker", role, "--model", args.model, "--steps", str(args.steps),
                "--batch", str(args.batch), "--device", args.device, "--precision", args.precision,
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -225,6 +227,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--micro", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     parser.add_argument("--json", help="write all raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,7 +256,8 @@ def main() -> None:
         for row in ours + theirs:
             row["tokens_per_s"] = tokens / row["train_s"]
         med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-        print(f"| {args.steps} steps × batch {args.batch}, {args.device}/{args.precision}, median of {args.runs} "
+        print(f"| {args.steps} steps × batch {args.batch}, {args.device}/{args.precision}, checkpointing "
+              f"{'on' if args.checkpointing else 'off'}, median of {args.runs} "
               "| loraforge | PEFT+TRL | ratio |")
         print("|---|---|---|---|")
         for key, label in (("wall_s", "job wall time, load to saved adapter (s)"), ("train_s", "training loop (s)"),

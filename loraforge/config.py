@@ -114,6 +114,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype. auto: bf16 on CUDA GPUs that have it, fp32 on CPU."
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute layer activations in backward: less memory, ~30% more compute."
+    )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', …")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default: 10 evals).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")

@@ -41,12 +41,14 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
     count = int(targets.sum())
+    # `inputs_embeds` instead of ids lets a caller differentiate with respect to the input activations.
+    inputs = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
     if _plain_head(model):
         backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = backbone(**inputs, attention_mask=batch["attention_mask"]).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, :-1][targets])
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][targets]
+        logits = model(**inputs, attention_mask=batch["attention_mask"]).logits[:, :-1][targets]
     return F.cross_entropy(logits.float(), labels[targets], reduction="sum"), count
 
 

@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -59,14 +60,26 @@ def write_report(run_dir: Path, data: dict | None = None) -> tuple[Path, Path]:
     data = collect_run(run_dir) if data is None else data
     html_path, json_path = run_dir / "report.html", run_dir / "report.json"
     _atomic_write(html_path, render_html(data))
-    _atomic_write(json_path, json.dumps(data, indent=1, ensure_ascii=False, default=str))
+    _atomic_write(json_path, json.dumps(_finite(data), indent=1, ensure_ascii=False, default=str, allow_nan=False))
     return html_path, json_path
+
+
+def _finite(value):
+    """NaN / inf (e.g. the grad norm of an unclipped run) become null: strict JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; a report is meant to be shared
     os.replace(tmp, path)
 
 

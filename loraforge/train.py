@@ -183,6 +183,13 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     lora_config = config.lora.model_copy(update={"base_model_name_or_path": base_name})
     lora = LoraModel(model, lora_config)
     lora.train()
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, which a frozen embedding never gives.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     trainable, total = lora.trainable_parameters()
     console.print(f"adapter: r={lora_config.r} on {sum(1 for _ in lora.lora_layers())} layers, {trainable:,} "
                   f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")

@@ -30,7 +30,7 @@ EVALUATION = {
 def _run(tmp_path, evaluation=True):
     (tmp_path / "config.yaml").write_text("model: default\nlr: 0.001\nlora:\n  r: 16\n")
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 1, "train_loss": 2.0, "lr": 1e-3}, {"step": 2, "train_loss": 1.0, "lr": 5e-4},
+        {"step": 1, "train_loss": 2.0, "lr": 1e-3, "grad_norm": float("nan")}, {"step": 2, "train_loss": 1.0, "lr": 5e-4},
         {"step": 2, "val_loss": 1.2, "val_perplexity": 3.3}]))
     (tmp_path / "data_report.json").write_text(json.dumps({"rows_read": 10, "kept": 9, "split_sizes": {"train": 7},
                                                            "invalid_reasons": ["f.jsonl:3: bad <row>"]}))
@@ -67,7 +67,8 @@ def test_report_is_self_contained_and_shows_the_numbers(tmp_path):
     assert "100.0%" in text and "0.0%" in text and "12.5" in text and "40.0%" in text
     assert '<td class="num best">100.0%</td>' in text  # the best exact match is marked
     assert '✓' in text  # the tuned answer equals the JSON reference
-    assert json.loads(json_path.read_text())["evaluation"] == EVALUATION
+    saved = json.loads(json_path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert saved["evaluation"] == EVALUATION and saved["metrics"][0]["grad_norm"] is None
 
 
 def test_report_without_evaluation_still_has_curves(tmp_path):

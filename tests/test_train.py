@@ -210,3 +210,10 @@ def test_fp16_on_cpu_is_a_config_error(tiny_model_dir, small_data, tmp_path):
 
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         train(_config(tiny_model_dir, small_data, tmp_path, "precision=fp16", "device=cpu"))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, small_data, tmp_path):
+    plain = train(_config(tiny_model_dir, small_data, tmp_path / "plain", "lora.dropout=0.0"))
+    checkpointed = train(_config(tiny_model_dir, small_data, tmp_path / "ckpt", "lora.dropout=0.0",
+                                 "gradient_checkpointing=true"))
+    assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-5)
