@@ -162,7 +162,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     started = time.perf_counter()
     config.output.mkdir(parents=True, exist_ok=True)
     checkpoints = config.output / "checkpoints"
-    resume_from = complete_checkpoints(checkpoints)[-1] if config.resume and complete_checkpoints(checkpoints) else None
+    existing = complete_checkpoints(checkpoints) if config.resume else []
+    resume_from = existing[-1] if existing else None
     if config.resume and resume_from is None:
         console.print(f"[yellow]no complete checkpoint in {checkpoints}; starting from scratch[/]")
     device, amp_dtype = resolve_device(config)
