@@ -25,15 +25,17 @@ def _train(args: argparse.Namespace) -> None:
 
     console = Console()
     config_file = args.config
-    if config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides):
+    using_demo = config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides)
+    if using_demo:
         from loraforge.demo import DEMO_CONFIG
 
         config_file = DEMO_CONFIG
-        console.print(f"no data given: the bundled demo ({DEMO_CONFIG.name}: JSON extraction from order messages)")
     config = load_train_config(config_file, args.overrides)
-    if args.print_config:
+    if args.print_config:  # plain YAML on stdout, nothing else: it can be saved as a config file
         console.print(config_to_yaml(config), end="", markup=False, highlight=False)
         return
+    if using_demo:
+        console.print("no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.evaluate import evaluate_models
     from loraforge.train import resolve_device, train
 

@@ -96,6 +96,7 @@ def test_no_arguments_means_the_demo_config(capsys):
     assert main(["train", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 60" in out and "model: default" in out
+    assert out.startswith("model: default")  # nothing but YAML: the output can be saved as a config file
 
 
 @pytest.mark.parametrize("args,message", [
