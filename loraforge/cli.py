@@ -74,15 +74,16 @@ def _write_json(path: Path, data: dict) -> None:
 def _print_evaluation(evaluation: dict, console, samples: int = 4) -> None:
     from rich.table import Table
 
-    table = Table(title=f"held-out prompts (n={evaluation['n']})")
+    # A terminal fits about six numbers; every metric is in evaluation.json and the report.
+    metrics = evaluation["metric_names"][:5]
+    table = Table(title=f"held-out prompts (n={evaluation['n']}); all metrics in evaluation.json")
     table.add_column("model")
-    columns = [c for c in ("loss", "perplexity") if any(c in row for row in evaluation["models"].values())]
-    for column in columns + evaluation["metric_names"]:
+    has_loss = any("loss" in row for row in evaluation["models"].values())
+    for column in (["loss"] if has_loss else []) + metrics:
         table.add_column(column, justify="right")
     for model, row in evaluation["models"].items():
-        cells = [f"{row[c]:.4f}" for c in columns]
-        cells += [f"{row[m]:.1f}" if m in ("bleu", "chrf") else f"{100 * row[m]:.1f}%"
-                  for m in evaluation["metric_names"]]
+        cells = [f"{row['loss']:.3f}"] if has_loss else []
+        cells += [f"{row[m]:.1f}" if m in ("bleu", "chrf") else f"{100 * row[m]:.0f}%" for m in metrics]
         table.add_row(model, *cells)
     console.print(table)
     side = Table(title="answers side by side", show_lines=True)
