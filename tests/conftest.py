@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 
@@ -125,10 +124,6 @@ def perturb(lora: LoraModel, name: str, std: float = 0.2, seed: int = 7) -> None
 
 def lora_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
-
-
-def clone(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 # -- a tiny tokenizer and model folder, built offline, for data / trainer / CLI tests ------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CASES, clone, lora_modules, make_inputs, make_model, perturb, run
+from conftest import CASES, lora_modules, make_inputs, make_model, perturb, run
 from loraforge import AdapterError, LoraConfig, LoraModel, MergeError
 from loraforge.lora.layers import LoraLayer
 
