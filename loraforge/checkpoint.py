@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraforge.errors import TrainingError
 from loraforge.lora import LoraModel
-from loraforge.lora.files import adapter_state, read_adapter_files
+from loraforge.lora.files import adapter_state, copy_adapter_tensors, read_adapter_files
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -60,14 +59,8 @@ def save_checkpoint(folder: Path, step: int, lora: LoraModel, optimizer: torch.o
 
 def load_checkpoint(path: Path, lora: LoraModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNGs in place; returns the trainer state."""
-    _, tensors = read_adapter_files(path)
-    name = next(iter(lora.configs))
-    live = adapter_state(lora, name)
-    if tensors.keys() != live.keys():
-        raise TrainingError(f"checkpoint {path} was made for a different adapter layout; start a new output folder")
-    with torch.no_grad():
-        for key, param in live.items():
-            param.copy_(tensors[key])
+    config, tensors = read_adapter_files(path)
+    copy_adapter_tensors(adapter_state(lora, next(iter(lora.configs))), tensors, config, path)
     state = json.loads((path / "trainer_state.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                                    state.pop("optimizer")))

@@ -78,24 +78,23 @@ def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, promp
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     was_training = model.training
     model.eval()
-    answers = []
+    texts = [render(tokenizer, prompt, generation_prompt=True) for prompt in prompts]
+    by_index: dict[int, str] = {}
     try:
         # Longest first: rows of similar length waste less padding.
-        order = sorted(range(len(prompts)), key=lambda i: -len(render(tokenizer, prompts[i], True)))
-        by_index: dict[int, str] = {}
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            texts = [render(tokenizer, prompts[i], generation_prompt=True) for i in chunk]
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            inputs = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(device)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             for i, row in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
                 by_index[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        answers = [by_index[i] for i in range(len(prompts))]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return answers
+    return [by_index[i] for i in range(len(texts))]
 
 
 def _answer_prompts(conversations: Sequence, limit: int | None) -> tuple[list[Messages], list[str]]:

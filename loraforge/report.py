@@ -177,12 +177,12 @@ def _data_section(report: dict | None) -> str:
             + (f"<p>first invalid rows:</p><ul>{reasons}</ul>" if reasons else ""))
 
 
-def _curves_section(rows: list[dict]) -> str:
+def learning_curve_figure(rows: list[dict]):
+    """Train and validation loss against step, from metrics.jsonl rows; None when there are none."""
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     if not train and not val:
-        return ""
+        return None
     fig, ax = _figure(8, 3.6)
     if train:
         ax.plot(*zip(*train), label="train loss", alpha=0.8)
@@ -191,7 +191,15 @@ def _curves_section(rows: list[dict]) -> str:
     ax.set(xlabel="step", ylabel="loss (nats / target token)", title="learning curves")
     ax.grid(alpha=0.3)
     ax.legend()
+    return fig
+
+
+def _curves_section(rows: list[dict]) -> str:
+    fig = learning_curve_figure(rows)
+    if fig is None:
+        return ""
     images = _png(fig)
+    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     if lrs:
         fig, ax = _figure(8, 2.2)
         ax.plot(*zip(*lrs), color="tab:green")

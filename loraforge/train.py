@@ -121,26 +121,15 @@ class MetricsLog:
 
 
 def plot_learning_curve(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
-    ax.set_title("learning curve")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from loraforge.report import learning_curve_figure
+
+    fig = learning_curve_figure(rows)
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:

@@ -175,14 +175,15 @@ def load_adapter(lora: LoraModel, directory: Path, name: str, trainable: bool = 
     config, tensors = read_adapter_files(directory)
     lora.add_adapter(name, config, trainable=trainable)
     try:
-        _copy_checked(adapter_state(lora, name), tensors, config, directory)
+        copy_adapter_tensors(adapter_state(lora, name), tensors, config, directory)
     except Exception:
         lora.delete_adapter(name)
         raise
 
 
-def _copy_checked(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], config: LoraConfig,
-                  directory: Path) -> None:
+def copy_adapter_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], config: LoraConfig,
+                         directory: Path) -> None:
+    """Copy file tensors into the live adapter, after checking every key and shape (errors name the tensor)."""
     for key in found:
         if key in expected:
             continue
