@@ -21,8 +21,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AdaLoraOptions(Section):
+    """AdaLoRA (Zhang et al. 2023): SVD-form adapters P·Λ·Q whose total rank is pruned from init_r to target_r
+    per layer on average, by an EMA of |weight × gradient| sensitivity. Names follow PEFT's AdaLoraConfig."""
+
+    init_r: int = Field(12, ge=1, description="Rank every layer starts with.")
+    target_r: int = Field(8, ge=1, description="Average rank per layer at the end of the budget schedule.")
+    tinit: int = Field(0, ge=0, description="Warmup steps before any rank is pruned.")
+    tfinal: int = Field(0, ge=0, description="Final steps that train with the budget fixed.")
+    delta_t: int = Field(1, ge=1, description="Steps between two budget allocations (PEFT: deltaT).")
+    beta1: float = Field(0.85, ge=0, lt=1, description="EMA factor of the sensitivity.")
+    beta2: float = Field(0.85, ge=0, lt=1, description="EMA factor of the sensitivity's uncertainty.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser on P and Q.")
+    total_step: int | None = Field(None, ge=1, description="Steps of the run (the trainer fills it in).")
+
+
+class LycorisOptions(Section):
+    """Options of LoHa and LoKr (the LyCORIS family). Names follow PEFT's LoHaConfig / LoKrConfig."""
+
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on rank components during training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping the whole update.")
+    use_effective_conv2d: bool = Field(False, description="Conv2d: Tucker-style factors for the kernel (LyCORIS).")
+    decompose_both: bool = Field(False, description="LoKr: factor the left Kronecker matrix too.")
+    decompose_factor: int = Field(-1, description="LoKr: split of each dimension (-1: as square as possible).")
+
+
 class LoraConfig(Section):
-    """One adapter's shape and placement: h = W0·x + s·B·A·dropout(x), s = alpha/r (alpha/√r with rsLoRA)."""
+    """One adapter's shape and placement: h = W0·x + s·B·A·dropout(x), s = alpha/r (alpha/√r with rsLoRA).
+
+    `method` picks the update's form: lora (B·A, optionally DoRA-normalised), loha (Hadamard product of two
+    low-rank products), lokr (Kronecker product) or adalora (P·Λ·Q with rank pruning)."""
+
+    method: Literal["lora", "loha", "lokr", "adalora"] = Field("lora", description="Form of the weight update.")
 
     r: int = Field(8, ge=1, description="Rank of the update B·A.")
     alpha: float = Field(16.0, gt=0, description="Scale numerator; the update is multiplied by alpha/r.")
@@ -54,9 +84,16 @@ class LoraConfig(Section):
     plus_ratio: float = Field(
         1.0, gt=0, description="LoRA+: learning rate of B = plus_ratio × that of A (Hayou et al. 2024 suggest 16)."
     )
-    init: Literal["kaiming", "gaussian"] = Field(
-        "kaiming", description="Initialisation of A (B is always zero, so a fresh adapter equals the base)."
+    use_dora: bool = Field(
+        False, description="DoRA: learn a per-output magnitude on top of the LoRA direction (Linear layers)."
     )
+    init: str = Field(
+        "kaiming", description="Initialisation: 'kaiming' or 'gaussian' (A random, B zero: a fresh adapter equals "
+        "the base), 'pissa' (A, B from the top-r singular vectors of W0, which keeps the residual) or "
+        "'pissa_niter_N' (the same by randomized SVD with N power iterations: fast on large layers)."
+    )
+    adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions, description="Options of method=adalora.")
+    lycoris: LycorisOptions = Field(default_factory=LycorisOptions, description="Options of method=loha / lokr.")
     base_model_name_or_path: str | None = Field(None, description="Recorded in adapter_config.json.")
 
     @field_validator("targets")
@@ -67,6 +104,13 @@ class LoraConfig(Section):
                 re.compile(value)
             except re.error as exc:
                 raise ValueError(f"not a valid regex: {exc}") from None
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _init_known(cls, value: str) -> str:
+        if value not in ("kaiming", "gaussian", "pissa") and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+            raise ValueError("must be 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_N' (N ≥ 1)")
         return value
 
 
@@ -113,6 +157,17 @@ class TrainConfig(Section):
     max_seq_len: int = Field(512, ge=8, description="Tokens per conversation; longer ones are truncated.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype. auto: bf16 on CUDA GPUs that have it, fp32 on CPU."
+    )
+    quant: Literal["none", "nf4", "int8"] = Field(
+        "none", description="QLoRA: keep the frozen base's linear weights in 4-bit NF4 (double-quantized, "
+        "blocksize 64) or 8-bit via bitsandbytes; adapters stay in full precision."
+    )
+    finetune: Literal["lora", "full"] = Field(
+        "lora", description="'full' trains every weight instead of an adapter (for comparisons); writes a model."
+    )
+    packing: bool = Field(
+        False, description="Pack several short conversations into one row (padding-free; attention never "
+        "crosses conversations)."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute layer activations in backward: less memory, ~30% more compute."

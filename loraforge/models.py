@@ -100,8 +100,10 @@ def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quant: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from local files, in eval mode; pad token falls back to eos."""
+    """Load a causal LM and its tokenizer from local files, in eval mode; pad token falls back to eos.
+    quant="nf4" / "int8" keeps the linear weights 4-bit / 8-bit (QLoRA, see quant.py)."""
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -109,6 +111,10 @@ def load_model(
     except (OSError, ValueError) as error:
         # transformers says "not a valid model identifier" etc.; the user needs the folder named.
         raise LoraforgeError(f"cannot load a causal LM from {path}: {error}") from error
+    if quant != "none":
+        from loraforge.quant import quantize_model
+
+        quantize_model(model, quant, device=device)
     model.to(device)
     model.eval()
     if tokenizer.pad_token is None:

@@ -160,7 +160,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     random.seed(config.seed)
 
     # Model and data.
-    model, tokenizer = load_model(config.model, device=device)
+    model, tokenizer = load_model(config.model, device=device, quant=config.quant)
     data = prepare_data(config.data, tokenizer, config.max_seq_len, config.seed, default_path=DEMO_DATA)
     save_run_inputs(config, data)
     report = data.report
@@ -169,8 +169,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                   f"{report.truncated} truncated) → train/validation/test {report.split_sizes}")
 
     # Adapter, optimizer, schedule.
+    steps = total_steps(config, len(data.train.examples))
     base_name = DEFAULT_MODEL_HUB_ID if is_default_model(config.model) else config.model
     lora_config = config.lora.model_copy(update={"base_model_name_or_path": base_name})
+    if lora_config.method == "adalora" and lora_config.adalora.total_step is None:
+        lora_config.adalora = lora_config.adalora.model_copy(update={"total_step": steps})
     lora = LoraModel(model, lora_config)
     lora.train()
     if config.gradient_checkpointing:
@@ -183,7 +186,6 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     trainable, total = lora.trainable_parameters()
     console.print(f"adapter: r={lora_config.r} on {sum(1 for _ in lora.lora_layers())} layers, {trainable:,} "
                   f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    steps = total_steps(config, len(data.train.examples))
     optimizer = build_optimizer(lora, config)
     scheduler = build_scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -233,7 +235,10 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast():
                     micro_loss, _ = causal_lm_loss(lora.model, batch)
+                    regularization = lora.regularization_loss()  # AdaLoRA's orthogonality, else None
                 scaled = micro_loss / max(n_targets, 1)
+                if regularization is not None:
+                    scaled = scaled + regularization / len(micro_batches)
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += micro_loss.item()
             loss = loss_sum / max(n_targets, 1)
@@ -260,6 +265,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                 scaler.update()
             else:
                 optimizer.step()
+            lora.after_optimizer_step(step + 1)  # needs this step's gradients: before zero_grad
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -132,8 +132,14 @@ def test_corrupt_files_and_unsupported_configs_are_clear_errors(tmp_path):
         LoraModel.from_pretrained(make_model("llama"), tmp_path)
     _saved(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(AdapterFileError, match="lora_bias"):
+        LoraModel.from_pretrained(make_model("llama"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(AdapterFileError, match="peft_type is 'IA3'"):
+        LoraModel.from_pretrained(make_model("llama"), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(AdapterFileError, match="use_dora"):
+    with pytest.raises(AdapterFileError, match="missing tensor.*lora_magnitude_vector"):
         LoraModel.from_pretrained(make_model("llama"), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
     with pytest.raises(AdapterFileError, match=r"adapter_config.json.r: "):

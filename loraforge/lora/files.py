@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from loraforge.config import LoraConfig, parse_section
 from loraforge.errors import AdapterFileError, ConfigError
 from loraforge.lora.layers import LoraLayer, LoraLinear, ModulesToSave
+from loraforge.lora.methods import method, method_for_peft_type
 from loraforge.lora.targeting import expanded_target_names
 
 if TYPE_CHECKING:
@@ -47,65 +48,48 @@ def adapter_state(lora: LoraModel, name: str) -> dict[str, torch.Tensor]:
 
 # -- config <-> adapter_config.json ---------------------------------------------------------------
 def to_peft_config(lora: LoraModel, name: str) -> dict:
+    """adapter_config.json: the keys every PEFT method shares, then the method's own (methods.py)."""
     config = lora.configs[name]
     uses_conv1d = any(
         isinstance(layer, LoraLinear) and isinstance(layer.base_layer, Conv1D) and name in layer.ranks
         for _, layer in lora.lora_layers()
     )
     model_class = type(lora.model).__name__
-    return {
-        "peft_type": "LORA",
+    common = {
+        "peft_type": method(config.method).peft_type,
         "task_type": "CAUSAL_LM" if model_class.endswith("ForCausalLM") else None,
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
         "target_modules": expanded_target_names(lora.model, config),
-        "target_parameters": config.target_parameters or None,
         "layers_to_transform": config.layers_to_transform,
         "layers_pattern": config.layers_pattern,
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "modules_to_save": config.modules_to_save or None,
-        "use_rslora": config.use_rslora,
-        "use_dora": False,
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
         "fan_in_fan_out": uses_conv1d,
-        "bias": "none",
-        "lora_bias": False,
         "inference_mode": True,
     }
+    return {**common, **method(config.method).to_peft(config)}
 
 
 def from_peft_config(raw: dict, where: Path) -> LoraConfig:
     """Our LoraConfig from a PEFT adapter_config.json; refuses what we would silently get wrong."""
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{where}: peft_type is {raw.get('peft_type')!r}; only LORA adapters load here")
-    refused = {
-        "use_dora": (True,),
-        "bias": ("all", "lora_only"),
-        "lora_bias": (True,),
-        "layer_replication": None,
-    }
-    for key, bad_values in refused.items():
-        value = raw.get(key)
-        if value and (bad_values is None or value in bad_values):
-            raise AdapterFileError(f"{where}: {key}={value!r} is not supported by loraforge yet")
-    values = {
+    adapter_method = method_for_peft_type(raw.get("peft_type", "LORA"), where)
+    common = {
+        "method": adapter_method.name,
         "r": raw.get("r", 8),
-        "alpha": raw.get("lora_alpha", 8),
-        "dropout": raw.get("lora_dropout", 0.0),
         "targets": raw.get("target_modules") or [],  # None / []: only target_parameters
-        "target_parameters": raw.get("target_parameters") or [],
         "layers_to_transform": _as_list(raw.get("layers_to_transform")),
         "layers_pattern": _first(raw.get("layers_pattern")),
         "rank_pattern": raw.get("rank_pattern") or {},
         "alpha_pattern": raw.get("alpha_pattern") or {},
         "modules_to_save": raw.get("modules_to_save") or [],
-        "use_rslora": bool(raw.get("use_rslora", False)),
-        "init": "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
     }
+    try:
+        values = {**common, **adapter_method.from_peft(raw)}
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{where / CONFIG_FILE}: {exc}") from None
     try:
         return parse_section(LoraConfig, values, where=str(where / CONFIG_FILE))
     except ConfigError as exc:
@@ -125,10 +109,35 @@ def save_adapter(lora: LoraModel, name: str, directory: Path) -> None:
     """Write one adapter. Files are written under temporary names and renamed, so a crash never leaves
     a half-written adapter where a complete one was."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(lora, name).items()}
+    tensors = adapter_state(lora, name)
+    peft_config = to_peft_config(lora, name)
+    if lora.configs[name].init.startswith("pissa"):
+        tensors, peft_config = _pissa_as_plain_lora(lora, name, tensors, peft_config)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-    config_text = json.dumps(to_peft_config(lora, name), indent=2, sort_keys=True)
+    config_text = json.dumps(peft_config, indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text + "\n"))
+
+
+def _pissa_as_plain_lora(lora: LoraModel, name: str, tensors: dict, peft_config: dict) -> tuple[dict, dict]:
+    """A PiSSA adapter rewritten as a rank-2r LoRA for the original base (see pissa.py); rank and alpha of
+    each converted module go into rank_pattern / alpha_pattern under its full name."""
+    from loraforge.lora.pissa import as_plain_lora, doubled_alpha
+
+    config = lora.configs[name]
+    tensors = dict(tensors)
+    rank_pattern, alpha_pattern = {}, {}  # full names first: the first matching pattern wins
+    for module_name, layer in lora.lora_layers():
+        if name not in getattr(layer, "pissa_initial", {}):
+            continue
+        prefix = f"{KEY_PREFIX}{module_name}."
+        converted = as_plain_lora(layer, name, {k: tensors[prefix + k] for k in ("lora_A.weight", "lora_B.weight")})
+        tensors.update({prefix + k: v for k, v in converted.items()})
+        alpha = layer.scaling[name] * (layer.ranks[name] ** 0.5 if config.use_rslora else layer.ranks[name])
+        rank_pattern[module_name] = 2 * layer.ranks[name]
+        alpha_pattern[module_name] = doubled_alpha(alpha, config.use_rslora)
+    return tensors, {**peft_config, "rank_pattern": {**rank_pattern, **peft_config["rank_pattern"]},
+                     "alpha_pattern": {**alpha_pattern, **peft_config["alpha_pattern"]}}
 
 
 def _atomic_write(target: Path, write) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from loraforge.config import LoraConfig
 from loraforge.errors import AdapterError, MergeError
 
 
@@ -53,8 +54,13 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
 
 
+def _refuse_linear_only_options(config: LoraConfig, kind: str) -> None:
+    if config.use_dora or config.init.startswith("pissa"):
+        raise AdapterError(f"DoRA and PiSSA are implemented for Linear layers, not {kind}; narrow the targets")
+
+
 def init_lora_a(weight: torch.Tensor, scheme: str) -> None:
-    if scheme == "gaussian":
+    if scheme == "gaussian":  # pissa_* overwrites A afterwards
         nn.init.normal_(weight, std=1.0 / weight.shape[0])  # std 1/r, as PEFT's "gaussian"
     else:
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT's default
@@ -74,7 +80,7 @@ class LoraLayer(nn.Module):
         self.row_adapters: RowAdapters | None = None
 
     # -- what each kind of layer provides -------------------------------------------------------
-    def _create_factors(self, name: str, r: int, init: str) -> None:
+    def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +108,21 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
+    def dense_base_weight(self) -> torch.Tensor:
+        """W0 as a float tensor in the base weight's layout (4-bit / 8-bit bases dequantized)."""
+        from loraforge.quant import dequantized_weight
+
+        return dequantized_weight(self.base_layer, self.base_weight)
+
     # -- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        """Add adapter `name` with this layer's rank and alpha (rank/alpha patterns already applied)."""
         if name in self.ranks:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
         self.ranks[name] = r
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
-        self.dropout_p[name] = dropout
-        self._create_factors(name, r, init)
+        self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.dropout_p[name] = config.dropout
+        self._create_factors(name, r, config)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -134,9 +147,14 @@ class LoraLayer(nn.Module):
                 return result
             self._check_rows(x, self.row_adapters)
             return result + self._mixed_output(x, self.row_adapters.rows, *stacked).to(result.dtype)
+        base = result
         for name in self._unmerged_active():
-            result = result + (self.scaling[name] * self._adapter_output(x, name)).to(result.dtype)
+            result = result + self._adapter_term(x, name, base)
         return result
+
+    def _adapter_term(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output (DoRA also rescales that output)."""
+        return (self.scaling[name] * self._adapter_output(x, name)).to(base_out.dtype)
 
     def _unmerged_active(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.ranks and n not in self.merged_adapters]
@@ -166,6 +184,9 @@ class LoraLayer(nn.Module):
         present = [n for n in plan.names if n in self.ranks]
         if not present:
             return None
+        if any(n in getattr(self, "lora_magnitude_vector", ()) for n in present):
+            raise AdapterError("DoRA adapters cannot run in mixed-adapter batches (their scale depends on the "
+                               "whole weight); merge them, or give every row the same adapter")
         r_max = max(self.ranks[n] for n in present)
         ref_a, ref_b = self.factors(present[0])
         zero_a = ref_a.new_zeros(r_max, ref_a.shape[1])
@@ -205,10 +226,16 @@ class LoraLayer(nn.Module):
     # -- merge ---------------------------------------------------------------------------------
     def merged_weight(self, names: Sequence[str]) -> torch.Tensor:
         """W0 + Σ ΔW for the given not-yet-merged adapters, computed on a float copy (the base is untouched)."""
-        weight = self.base_weight.detach().to(adapter_dtype(self.base_weight))
+        weight = self.dense_base_weight().detach().to(adapter_dtype(self.base_weight))
         for name in self._to_merge(names):
-            weight = weight + self.delta_weight(name).detach().to(weight.dtype)
+            weight = self._merge_one(weight, name)
         return weight
+
+    def _merge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        return weight + self.delta_weight(name).detach().to(weight.dtype)
+
+    def _unmerge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        return weight - self.delta_weight(name).detach().to(weight.dtype)
 
     def _to_merge(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n in self.ranks and n not in self.merged_adapters]
@@ -227,6 +254,11 @@ class LoraLayer(nn.Module):
         todo = self._to_merge(names)
         if not todo:
             return  # merging twice merges once
+        if not self.base_weight.is_floating_point():
+            raise MergeError(
+                f"{where or type(self.base_layer).__name__} holds a quantized weight; merge it with "
+                "loraforge.quant.merge_quantized (dequantize, merge, optionally re-quantize), or `loraforge merge`"
+            )
         if safe:
             self.check_mergeable(todo, where)
         self.base_weight.copy_(self.merged_weight(todo).to(self.base_weight.dtype))
@@ -236,8 +268,8 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight, delta = self.base_weight, self.delta_weight(name)
-            weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+            weight = self.base_weight
+            weight.copy_(self._unmerge_one(weight.to(adapter_dtype(weight)), name).to(weight.dtype))
 
 
 class LoraLinear(LoraLayer):
@@ -250,13 +282,42 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = fan_in, fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
+        self.dora_merge_factor: dict[str, torch.Tensor] = {}
 
-    def _create_factors(self, name: str, r: int, init: str) -> None:
+    def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
         kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
-        init_lora_a(self.lora_A[name].weight, init)
+        init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
+        if config.init.startswith("pissa"):
+            from loraforge.lora.pissa import init_pissa
+
+            init_pissa(self, name, config.init)
+        if config.use_dora:
+            from loraforge.lora.dora import init_magnitude
+
+            init_magnitude(self, name)
+
+    def _adapter_term(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._adapter_term(x, name, base_out)
+        from loraforge.lora.dora import dora_term
+
+        return dora_term(self, x, name, base_out)
+
+    def _merge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._merge_one(weight, name)
+        from loraforge.lora.dora import merge_dora
+
+        return merge_dora(self, weight, name)
+
+    def _unmerge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerge_one(weight, name)
+        return weight / self.dora_merge_factor.pop(name) - self.delta_weight(name).detach().to(weight.dtype)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -278,7 +339,10 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        tensors = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
 
 
 class LoraEmbedding(LoraLayer):
@@ -289,7 +353,8 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _create_factors(self, name: str, r: int, init: str) -> None:
+    def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
+        _refuse_linear_only_options(config, "Embedding")
         vocab, dim = self.base_weight.shape
         kw = dict(device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         # PEFT's embedding init: A = 0, B ~ N(0, 1); the product is zero either way.
@@ -332,12 +397,13 @@ class LoraConv2d(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def _create_factors(self, name: str, r: int, init: str) -> None:
+    def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
+        _refuse_linear_only_options(config, "Conv2d")
         base = self.base_layer
         kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, **kw)
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
-        init_lora_a(self.lora_A[name].weight, init)
+        init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,11 +468,12 @@ class LoraParameter(LoraLayer):
     def base_weight(self) -> nn.Parameter:
         return getattr(self.owner, self.parameter_name)
 
-    def _create_factors(self, name: str, r: int, init: str) -> None:
+    def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
+        _refuse_linear_only_options(config, "parameters")
         kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Linear(self.in_features, r * self.num_experts, **kw)
         self.lora_B[name] = nn.Linear(r * self.num_experts, self.out_features, **kw)
-        init_lora_a(self.lora_A[name].weight, init)
+        init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:

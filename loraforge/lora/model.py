@@ -21,7 +21,8 @@ from torch import nn
 
 from loraforge.config import LoraConfig
 from loraforge.errors import AdapterError, MergeError
-from loraforge.lora.layers import LoraLayer, LoraParameter, ModulesToSave, RowAdapters, wrap_module
+from loraforge.lora.layers import LoraLayer, LoraParameter, ModulesToSave, RowAdapters
+from loraforge.lora.methods import method
 from loraforge.lora.targeting import base_modules, find_targets, pattern_value, unwrap
 
 DEFAULT_ADAPTER = "default"
@@ -32,6 +33,8 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.configs: dict[str, LoraConfig] = {}
+        # Per-adapter training hooks of methods that have them (AdaLoRA's rank budget).
+        self.controllers: dict[str, object] = {}
         self.train(model.training)
         for param in model.parameters():
             param.requires_grad_(False)
@@ -50,7 +53,7 @@ class LoraModel(nn.Module):
         self.configs[name] = config
         try:
             for module_name in targets.modules:
-                self._wrapper_for(module_name).add_adapter(name, **self._layer_options(config, module_name))
+                self._wrapper_for(module_name, config).add_adapter(name, **self._layer_options(config, module_name))
             for owner, param_name in targets.parameters:
                 layer = self._parameter_wrapper_for(owner, param_name)
                 layer.add_adapter(name, **self._layer_options(config, f"{owner}.{param_name}"))
@@ -65,6 +68,9 @@ class LoraModel(nn.Module):
             raise
         for param in self.adapter_parameters(name):
             param.requires_grad_(trainable)
+        make_controller = method(config.method).controller
+        if make_controller is not None and trainable:
+            self.controllers[name] = make_controller(self, name, config)
         if not self.active_adapters:
             self.set_active(name)
         else:
@@ -80,18 +86,26 @@ class LoraModel(nn.Module):
                 base = module.original_module if isinstance(module, ModulesToSave) else module.base_layer
                 self.model.set_submodule(module_name, base)
         self.configs.pop(name, None)
+        self.controllers.pop(name, None)
 
     @staticmethod
     def _layer_options(config: LoraConfig, name: str) -> dict:
-        r = pattern_value(config.rank_pattern, name) or config.r
+        default_r = config.adalora.init_r if config.method == "adalora" else config.r
+        r = pattern_value(config.rank_pattern, name) or default_r
         alpha = pattern_value(config.alpha_pattern, name) or config.alpha
-        return dict(r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
+        return dict(r=r, alpha=alpha, config=config)
 
-    def _wrapper_for(self, module_name: str) -> LoraLayer:
+    def _wrapper_for(self, module_name: str, config: LoraConfig) -> LoraLayer:
         module = self.model.get_submodule(module_name)
+        wrap = method(config.method).wrap
         if not isinstance(module, LoraLayer):
-            module = wrap_module(module).train(module.training)  # a wrapper inherits train/eval mode
+            module = wrap(module).train(module.training)  # a wrapper inherits train/eval mode
             self.model.set_submodule(module_name, module)
+        elif type(module) is not type(wrap(unwrap(module))):
+            raise AdapterError(
+                f"{module_name} already holds {type(module).__name__} adapters; one model holds adapters of one "
+                f"method per module (this one is {config.method}). Use a second LoraModel for the other method."
+            )
         return module
 
     def _parameter_wrapper_for(self, owner_name: str, param_name: str) -> LoraParameter:
@@ -244,6 +258,18 @@ class LoraModel(nn.Module):
         self.configs.clear()
         self._active = ()
         return self.model
+
+    # -- training hooks --------------------------------------------------------------------------
+    def regularization_loss(self) -> torch.Tensor | None:
+        """Extra loss terms of the trainable adapters' methods (AdaLoRA's orthogonality), or None."""
+        terms = [c.regularization_loss() for c in self.controllers.values()]
+        terms = [t for t in terms if t is not None]
+        return sum(terms) if terms else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called by the trainer after each optimizer step, gradients still present (AdaLoRA's rank budget)."""
+        for controller in self.controllers.values():
+            controller.after_optimizer_step(step)
 
     # -- reporting -------------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:
