@@ -1,4 +1,4 @@
-"""The `loraforge` command: train, chat, merge, eval, report. Errors users can cause print one clear message
+"""The `loraforge` command: train, chat, merge, eval, report (+ serve, estimate, compare, sweep from their modules). Errors users can cause print one clear message
 (tracebacks with --debug)."""
 
 from __future__ import annotations
@@ -271,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write report.html + report.json for a run folder")
     report.add_argument("run_dir", help="run folder of `loraforge train`")
     report.set_defaults(run=_report)
+
+    from loraforge import compare, estimate, serve  # each registers its own subcommands
+
+    serve.add_parser(commands)
+    estimate.add_parser(commands)
+    compare.add_parser(commands)
     return parser
 
 
