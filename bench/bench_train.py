@@ -89,7 +89,7 @@ def run_loraforge(args) -> dict:
             f"lr={BENCH_LR}", "schedule=cosine", f"eval_every={args.steps}", "compare=false", "report=false",
             "tensorboard=false", f"max_seq_len={MAX_SEQ_LEN}", "lora.r=16", "lora.alpha=32", f"device={args.device}",
             f"precision={args.precision}", "max_grad_norm=1.0",
-            f"gradient_checkpointing={str(args.checkpointing).lower()}"])
+            f"gradient_checkpointing={str(args.checkpointing).lower()}", f"packing={str(args.packing).lower()}"])
         start = time.perf_counter()
         result = train(config)
         wall = time.perf_counter() - start
@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    parser.add_argument("--packing", action="store_true",
+                        help="loraforge packs conversations padding-free (TRL keeps its default, padded batches)")
     parser.add_argument("--json", help="write all raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -306,18 +306,52 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, max_seq
     return PreparedData(*splits, report)
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example."""
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
+def collate(examples: list[Example], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to its longest example.
+
+    packed=True puts several conversations into one row (first fit, longest first, rows no longer than the
+    longest example), with position ids restarting at each conversation: far less padding, and the same
+    per-conversation loss — given position ids and no attention mask, transformers builds a block-diagonal
+    causal mask, so attention never crosses conversations. `attention_mask` is still returned (1 on real
+    tokens) for counting; the loss function does not pass it on for packed batches.
+    """
+    rows = _pack_rows(examples) if packed else [[e] for e in examples]
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, offset : offset + n] = torch.tensor(example.input_ids)
+            labels[r, offset : offset + n] = torch.tensor(example.labels)
+            labels[r, offset] = IGNORE_INDEX  # never predict a conversation's first token from the one before
+            attention_mask[r, offset : offset + n] = 1
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            offset += n
+        position_ids[r, offset:] = torch.arange(width - offset)  # trailing padding: a segment of its own
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch
+
+
+def _pack_rows(examples: list[Example]) -> list[list[Example]]:
+    capacity = max(len(e.input_ids) for e in examples)
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e.input_ids)):
         n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([example])
+            room.append(capacity - n)
+        else:
+            rows[slot].append(example)
+            room[slot] -= n
+    return rows
 
 
 def example_order(n: int, seed: int, start: int, count: int) -> list[int]:

@@ -149,12 +149,12 @@ class LoraLayer(nn.Module):
             return result + self._mixed_output(x, self.row_adapters.rows, *stacked).to(result.dtype)
         base = result
         for name in self._unmerged_active():
-            result = result + self._adapter_term(x, name, base)
+            result = self._add_update(result, x, name, base)
         return result
 
-    def _adapter_term(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
-        """What adapter `name` adds to the base output (DoRA also rescales that output)."""
-        return (self.scaling[name] * self._adapter_output(x, name)).to(base_out.dtype)
+    def _add_update(self, result: torch.Tensor, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """result + what adapter `name` adds to the base output `base_out` (DoRA also rescales that output)."""
+        return result + (self.scaling[name] * self._adapter_output(x, name)).to(result.dtype)
 
     def _unmerged_active(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.ranks and n not in self.merged_adapters]
@@ -300,12 +300,22 @@ class LoraLinear(LoraLayer):
 
             init_magnitude(self, name)
 
-    def _adapter_term(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._adapter_term(x, name, base_out)
-        from loraforge.lora.dora import dora_term
+    def _add_update(self, result: torch.Tensor, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            from loraforge.lora.dora import dora_term
 
-        return dora_term(self, x, name, base_out)
+            return result + dora_term(self, x, name, base_out)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        # Under autocast the adapter runs in the autocast dtype like the base: casting x up to the fp32 factors
+        # first would only add a copy of x per layer that autograd keeps for backward.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        hidden = F.linear(self._dropout(x if autocast else x.to(a.dtype), name), a)  # (…, r)
+        if not autocast and hidden.dtype != result.dtype:  # e.g. a bf16 base without autocast
+            return result + (self.scaling[name] * F.linear(hidden, b)).to(result.dtype)
+        # result + s·hidden·Bᵀ in one fused kernel: no (tokens × fan_out) temporary for the scaled update.
+        fused = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), b.T,
+                            alpha=self.scaling[name])
+        return fused.view(result.shape)
 
     def _merge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
