@@ -86,3 +86,20 @@ def test_chunked_head_gives_the_plain_loss_and_gradient(monkeypatch):
     torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-5, rtol=1e-6)
     for chunked, plain in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_training_with_packing_follows_the_padded_run(tiny_model_dir, tmp_path):
+    from loraforge.config import load_train_config
+    from loraforge.demo import DEMO_DATA
+    from loraforge.train import train
+
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:40]))
+    losses = {}
+    for packing in ("false", "true"):
+        config = load_train_config(None, [
+            f"model={tiny_model_dir}", f"data={data}", f"output={tmp_path / packing}", "batch_size=4",
+            "max_steps=4", "lr=5e-3", "lora.r=4", "compare=false", "report=false", "tensorboard=false",
+            f"packing={packing}"])
+        losses[packing] = train(config).losses
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), atol=1e-4, rtol=1e-4)
