@@ -119,6 +119,8 @@ class LoraLayer(nn.Module):
         """Add adapter `name` with this layer's rank and alpha (rank/alpha patterns already applied)."""
         if name in self.ranks:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
+        if r < 1:
+            raise AdapterError(f"rank {r} for adapter {name!r}: LoRA ranks must be at least 1 (check rank_pattern)")
         self.ranks[name] = r
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
         self.dropout_p[name] = config.dropout

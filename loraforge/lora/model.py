@@ -91,7 +91,8 @@ class LoraModel(nn.Module):
     @staticmethod
     def _layer_options(config: LoraConfig, name: str) -> dict:
         default_r = config.adalora.init_r if config.method == "adalora" else config.r
-        r = pattern_value(config.rank_pattern, name) or default_r
+        r = pattern_value(config.rank_pattern, name)
+        r = default_r if r is None else r  # 0 is a rank too: AdaLoRA prunes some modules away entirely
         alpha = pattern_value(config.alpha_pattern, name) or config.alpha
         return dict(r=r, alpha=alpha, config=config)
 
