@@ -34,6 +34,17 @@ class AdaLoraOptions(Section):
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA factor of the sensitivity's uncertainty.")
     orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser on P and Q.")
     total_step: int | None = Field(None, ge=1, description="Steps of the run (the trainer fills it in).")
+    rank_pattern: dict[str, list[bool]] | None = Field(
+        None, description="Set by pruning and loading, not by hand: which of the init_r triplets each module's "
+        "tensors keep, keyed '<module>.lora_E' (PEFT's rank_pattern). None while every module holds init_r."
+    )
+
+    @field_validator("target_r")
+    @classmethod
+    def _target_within_init(cls, value: int, info) -> int:
+        if "init_r" in info.data and value > info.data["init_r"]:
+            raise ValueError(f"must not exceed init_r ({info.data['init_r']}): ranks are only ever pruned")
+        return value
 
 
 class LycorisOptions(Section):
@@ -44,6 +55,13 @@ class LycorisOptions(Section):
     use_effective_conv2d: bool = Field(False, description="Conv2d: Tucker-style factors for the kernel (LyCORIS).")
     decompose_both: bool = Field(False, description="LoKr: factor the left Kronecker matrix too.")
     decompose_factor: int = Field(-1, description="LoKr: split of each dimension (-1: as square as possible).")
+    rank_dropout_scale: bool = Field(
+        False, description="LoKr: rescale the rows kept by rank dropout (LoHa always does)."
+    )
+    init_weights: bool | Literal["lycoris"] = Field(
+        True, description="True: a fresh adapter changes nothing (LoHa W2b = 0, LoKr W1 = 0); 'lycoris' (LoKr): "
+        "W2 = 0 instead, as the LyCORIS repository; False: every factor random (fresh ≠ base)."
+    )
 
 
 class LoraConfig(Section):

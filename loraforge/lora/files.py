@@ -66,9 +66,10 @@ def to_peft_config(lora: LoraModel, name: str) -> dict:
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "modules_to_save": config.modules_to_save or None,
-        "fan_in_fan_out": uses_conv1d,
         "inference_mode": True,
     }
+    if config.method in ("lora", "adalora"):  # PEFT's LoHa/LoKr configs have no such key
+        common["fan_in_fan_out"] = uses_conv1d
     return {**common, **method(config.method).to_peft(config)}
 
 

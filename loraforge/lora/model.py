@@ -49,6 +49,8 @@ class LoraModel(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists; delete_adapter() it first or pick another name")
         if not name or "." in name:
             raise AdapterError(f"adapter name {name!r} must be non-empty and contain no '.'")
+        if config.target_parameters and config.method != "lora":
+            raise AdapterError(f"target_parameters (expert tensors) take method=lora only, not {config.method}")
         targets = find_targets(self.model, config)
         self.configs[name] = config
         try:
