@@ -1,0 +1,111 @@
+"""The rows a server decodes together, and their KV cache.
+
+Every row is left-padded to one length: the cache holds (rows, heads, length, head_dim) per layer, the
+attention mask marks padding with 0, and each row keeps its own position (its count of real tokens), so a
+row computes what it would compute alone. Rows join after their own prefill (both sides are left-padded to
+the longer length and stacked) and leave between decode steps; columns that became padding in every row
+are cut off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from loraforge.errors import LoraforgeError
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(rows), longest), each row right-aligned."""
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, length - len(row) :] = torch.tensor(row)
+            mask[i, length - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def check_full_attention(config) -> None:
+    """Refuse models whose KV cache is more than keys and values per layer: joining and trimming rows edit those
+    tensors directly, which sliding-window and linear-attention layers (they keep more state) would not survive."""
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer}
+    if kinds:
+        raise LoraforgeError(f"serve needs a model whose every layer uses plain full attention; this one has "
+                             f"{', '.join(sorted(kinds))} layers")
+
+
+class RunningBatch:
+    """Rows in decode, in the order of `rows`; `cache` and `mask` cover exactly those rows."""
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self.rows: list = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cached length), 1 = real token
+        self.positions: torch.Tensor | None = None  # (rows,), the position of each row's next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, rows: list, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their cache and mask cover exactly their prompts)."""
+        if not cache.is_initialized:
+            raise LoraforgeError("the model left some layers without a KV cache (shared KV layers?); serve cannot "
+                                 "batch it")
+        positions = mask.sum(-1)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions = list(rows), cache, mask, positions
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
+        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, dim=1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.rows.extend(rows)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (in this order); cut the columns that are now padding in every row."""
+        if not indices:
+            self._clear()
+            return
+        if indices == list(range(len(self.rows))):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        index = torch.tensor(indices, device=self.mask.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        start = int(self.mask.any(0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def decode_inputs(self, next_tokens: list[int]) -> dict:
+        """Model inputs for one decode step: every row's latest token at its own position."""
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        inputs = dict(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=self.mask,
+                      position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        self.positions = self.positions + 1
+        return inputs
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if not missing:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]
+    return F.pad(tensor, pad)
