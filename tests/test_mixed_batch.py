@@ -111,3 +111,23 @@ def test_row_count_mismatch_and_unknown_names_are_errors():
     with pytest.raises(AdapterError, match="unknown adapter"):
         run(lora, make_inputs("llama", batch=1), adapter_names=["zzz"])
     assert all(layer.row_adapters is None for _, layer in lora.lora_layers() if isinstance(layer, LoraLayer))
+
+
+def test_inference_reuses_stacked_factors_until_an_adapter_changes():
+    lora = LoraModel(make_model("llama"), CASES[0].config(), adapter_name="a")
+    lora.add_adapter("b", CASES[0].config(r=2))
+    perturb(lora, "a", seed=1)
+    perturb(lora, "b", seed=2)
+    inputs = make_inputs("llama", batch=2)
+    with torch.no_grad():
+        first = run(lora, inputs, adapter_names=["a", "b"])
+        torch.testing.assert_close(run(lora, inputs, adapter_names=["a", "b"]), first, atol=0, rtol=0)
+        perturb(lora, "b", seed=5)  # in-place change: the cache must notice
+        changed = run(lora, inputs, adapter_names=["a", "b"])
+        lora.set_active("b")
+        torch.testing.assert_close(changed[1], run(lora, inputs[1:]).squeeze(0), atol=1e-5, rtol=0)
+        lora.delete_adapter("b")
+        lora.add_adapter("b", CASES[0].config(r=2))  # fresh: B = 0, so row 1 is the base again
+        lora.set_active([])
+        torch.testing.assert_close(run(lora, inputs, adapter_names=["a", "b"])[1], run(lora, inputs[1:])[0],
+                                   atol=1e-5, rtol=0)

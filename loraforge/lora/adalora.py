@@ -58,6 +58,7 @@ class AdaLoraLinear(LoraLayer):
         # and a module pruned to rank 0 is legal.
         if name in self.ranks:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
+        self._stack_cache = None
         self.ranks[name] = r
         self.scaling[name] = alpha / (config.adalora.init_r + RANKNUM_EPS)
         self.dropout_p[name] = config.dropout

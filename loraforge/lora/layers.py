@@ -121,6 +121,7 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists on this layer")
         if r < 1:
             raise AdapterError(f"rank {r} for adapter {name!r}: LoRA ranks must be at least 1 (check rank_pattern)")
+        self._stack_cache = None
         self.ranks[name] = r
         self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
         self.dropout_p[name] = config.dropout
@@ -129,6 +130,7 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        self._stack_cache = None  # a new adapter's tensors may reuse a deleted one's ids
         for store in self._factor_stores():
             if name in store:
                 del store[name]
@@ -181,8 +183,21 @@ class LoraLayer(nn.Module):
         """A (K+1, r_max, fan_in), B (K+1, fan_out, r_max), scale (K+1,), dropout p (K+1,) over (base,)+names.
 
         Index 0 and adapters absent from this layer are zero, so their rows get the base output; smaller
-        ranks are zero-padded, which adds nothing to B·A.
+        ranks are zero-padded, which adds nothing to B·A. Without gradients (serving: every decode step, same
+        adapters) the stacks are reused until an adapter tensor changes — rebuilding them was most of the cost
+        of a mixed decode step.
         """
+        if torch.is_grad_enabled():
+            return self._build_stacked_factors(plan)
+        tensors = [t for n in plan.names if n in self.ranks for t in self.peft_tensors(n).values()]
+        key = (plan.names, self.training, tuple((id(t), t._version) for t in tensors))
+        cached = getattr(self, "_stack_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_stacked_factors(plan))
+            self._stack_cache = cached
+        return cached[1]
+
+    def _build_stacked_factors(self, plan: RowAdapters):
         present = [n for n in plan.names if n in self.ranks]
         if not present:
             return None
