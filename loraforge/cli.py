@@ -161,12 +161,42 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    lora, tokenizer = _load_for_inference(args.model, [f"default={args.adapter}"])
-    model = lora.merge_and_unload()
+    import torch
+
+    from loraforge.config import TrainConfig, load_train_config
+    from loraforge.data import tokenize
+    from loraforge.lora import LoraModel
+    from loraforge.lora.files import read_adapter_files
+    from loraforge.models import load_model
+    from loraforge.quant import merge_quantized
+
+    adapter = Path(args.adapter)
+    # An adapter inside a `loraforge train` run (run/adapter, run/best, run/checkpoints/step-N) has the run's
+    # config next to it: how the base was quantized in training, and the validation split.
+    run = next((d for d in (adapter.parent, adapter.parent.parent) if (d / "config.yaml").is_file()), None)
+    run_config = load_train_config(run / "config.yaml") if run else TrainConfig()
+    base_quant = args.dequantized_base or run_config.quant
+    if args.dequantized_base is None and base_quant != "none":
+        print(f"{run / 'config.yaml'}: the adapter was trained on a {base_quant} base, so it is merged into that "
+              "base, dequantized (--dequantized-base none merges into the float base instead)")
+    model, tokenizer = load_model(args.model or read_adapter_files(adapter)[0].base_model_name_or_path,
+                                  quant=base_quant)
+    lora = LoraModel.from_pretrained(model, adapter)
+    quantized = base_quant != "none" or args.requantize is not None
+    validation = Path(args.validation) if args.validation else (run / "data" / "validation.jsonl" if run else None)
+    examples = [tokenize(tokenizer, c.messages, run_config.max_seq_len) for c in _read_conversations(validation)] \
+        if quantized and validation else []
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    model, report = merge_quantized(lora, requantize=args.requantize, validation=examples,
+                                    pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     output = Path(args.output)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    print(f"merged model written to {output} (loads with AutoModelForCausalLM.from_pretrained)")
+    if quantized:
+        _write_json(output / "merge_report.json", report.to_dict())
+        print("\n".join(report.describe()))
+    loads = " (needs bitsandbytes and accelerate)" if args.requantize else ""
+    print(f"merged model written to {output} (loads with AutoModelForCausalLM.from_pretrained{loads})")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -245,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--output", required=True, help="folder for the merged model and tokenizer")
     merge.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter)")
+    merge.add_argument("--dequantized-base", choices=["none", "nf4", "int8"],
+                       help="the adapter was trained on this quantized base (QLoRA): merge into that base, "
+                            "dequantized (default: the run's quant when the adapter is in a run folder, else none)")
+    merge.add_argument("--requantize", choices=["nf4", "int8"],
+                       help="quantize the merged model again and write it in bitsandbytes format; reports each "
+                            "layer's error and warns when the adapter's effect is rounded away")
+    merge.add_argument("--validation", help="JSONL conversations for the loss / perplexity check of a quantized "
+                                            "merge (default: the run's validation split)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16"], help="dtype of the merged model (default: as "
+                                                                        "the base loads, float32)")
     merge.set_defaults(run=_merge)
 
     evaluate = commands.add_parser("eval", help="base vs adapters: loss, answer metrics, consistency, cost")

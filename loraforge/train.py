@@ -3,6 +3,8 @@
 config → base model + tokenizer → conversations → token examples (assistant-only labels) → adapter →
 steps (micro-batches, masked cross-entropy, clip, AdamW, schedule) → validation / early stopping →
 checkpoints → adapter folder, metrics, learning curve.
+With finetune=full every weight trains instead (same data, loss, schedule and evaluation) and the run writes
+whole models (model/, best/) and no checkpoints.
 
 The run folder (`config.output`) ends up holding: config.yaml, data/ (the splits as used),
 data_report.json, adapter/ (last), best/ (lowest validation loss), checkpoints/, metrics.jsonl,
@@ -23,7 +25,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 
+from loraforge.advise import adapter_layout, dataset_bits, print_advice, training_advice
 from loraforge.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from loraforge.config import TrainConfig, config_to_yaml
 from loraforge.data import PreparedData, collate, example_order, prepare_data, write_jsonl
@@ -40,13 +44,37 @@ class TrainResult:
     output: Path
     steps: int
     stopped: str  # "max_steps", "early_stopping", "interrupted"
-    adapter: Path
+    adapter: Path  # the last adapter, or with finetune=full the last whole model
     best_adapter: Path | None
     final_val_loss: float | None
     best_val_loss: float | None
     skipped_steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+
+
+class FullFineTune(nn.Module):
+    """finetune=full: every weight of the base trains. It offers what the loop calls on a LoraModel (the wrapped
+    `model`, the two method hooks, `save`), so one loop serves both; `save` writes the whole model (safetensors)
+    with its tokenizer, a folder AutoModelForCausalLM.from_pretrained loads."""
+
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.model = model.requires_grad_(True)
+        self.tokenizer = tokenizer
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def regularization_loss(self) -> None:
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -149,6 +177,10 @@ def save_run_inputs(config: TrainConfig, data: PreparedData) -> None:
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     started = time.perf_counter()
+    full = config.finetune == "full"
+    if full and (config.resume or config.quant != "none"):
+        raise ConfigError("finetune=full writes no checkpoints and trains float weights: it cannot resume=true or "
+                          f"use quant={config.quant}")
     config.output.mkdir(parents=True, exist_ok=True)
     checkpoints = config.output / "checkpoints"
     existing = complete_checkpoints(checkpoints) if config.resume else []
@@ -174,7 +206,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     lora_config = config.lora.model_copy(update={"base_model_name_or_path": base_name})
     if lora_config.method == "adalora" and lora_config.adalora.total_step is None:
         lora_config.adalora = lora_config.adalora.model_copy(update={"total_step": steps})
-    lora = LoraModel(model, lora_config)
+    # `lora` is what trains: the adapter, or with finetune=full the whole model behind the same calls.
+    lora = FullFineTune(model, tokenizer) if full else LoraModel(model, lora_config)
     lora.train()
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, which a frozen embedding never gives.
@@ -183,9 +216,12 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    trainable, total = lora.trainable_parameters()
-    console.print(f"adapter: r={lora_config.r} on {sum(1 for _ in lora.lora_layers())} layers, {trainable:,} "
-                  f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if full:
+        console.print(f"full fine-tuning: {sum(p.numel() for p in lora.parameters()):,} trainable parameters")
+    else:
+        trainable, total = lora.trainable_parameters()
+        console.print(f"adapter: r={lora_config.r} on {sum(1 for _ in lora.lora_layers())} layers, {trainable:,} "
+                      f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     optimizer = build_optimizer(lora, config)
     scheduler = build_scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -194,6 +230,12 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         if amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
+
+    layout = None if full else adapter_layout(lora)
+    # The dataset's information (for the capacity advisor) is the base model's log-loss: a fresh adapter is the base.
+    bits = None if full else dataset_bits(lora, data.train.examples, tokenizer.pad_token_id, config.batch_size, device,
+                                          autocast)
+    print_advice(training_advice(config, model.config, layout, steps, bits), console)
 
     state = {"consumed": 0, "best_val_loss": None, "evals_without_improvement": 0, "bad_in_row": 0,
              "skipped_steps": 0}
@@ -226,7 +268,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             indices = example_order(len(data.train.examples), config.seed, state["consumed"], per_step)
             state["consumed"] += per_step
             micro_batches = [
-                collate([data.train.examples[i] for i in indices[k : k + config.batch_size]], pad_id)
+                collate([data.train.examples[i] for i in indices[k : k + config.batch_size]], pad_id, config.packing)
                 for k in range(0, per_step, config.batch_size)
             ]
             n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
@@ -290,27 +332,30 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                         state["evals_without_improvement"] += 1
                         if config.patience and state["evals_without_improvement"] >= config.patience:
                             stopped = "early_stopping"
-            if (config.save_every and step % config.save_every == 0) or step == steps or stop.requested \
-                    or stopped != "max_steps":
+            if not full and ((config.save_every and step % config.save_every == 0) or step == steps
+                             or stop.requested or stopped != "max_steps"):
                 save_checkpoint(checkpoints, step, lora, optimizer, scheduler, state, config.keep_checkpoints)
             if stop.requested:
                 stopped = "interrupted"
             if stopped != "max_steps":
                 break
 
-    lora.save(config.output / "adapter")
+    last_dir = config.output / ("model" if full else "adapter")
+    for controller in getattr(lora, "controllers", {}).values():
+        console.print(controller.finish())  # AdaLoRA: prune to the final allocation, report per-layer ranks
+    lora.save(last_dir)
     best_dir = config.output / "best"
     rows = metrics.rows()
     metrics.close()
     plot_learning_curve(rows, config.output / "learning_curve.png")
     result = TrainResult(
-        output=config.output, steps=step, stopped=stopped, adapter=config.output / "adapter",
+        output=config.output, steps=step, stopped=stopped, adapter=last_dir,
         best_adapter=best_dir if best_dir.exists() else None, final_val_loss=val,
         best_val_loss=state["best_val_loss"], skipped_steps=state["skipped_steps"],
         seconds=time.perf_counter() - started, losses=losses)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items() if k != "losses"}
     (config.output / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"done: {step} steps ({stopped}) in {result.seconds:.0f}s; adapter in {result.adapter}"
+    console.print(f"done: {step} steps ({stopped}) in {result.seconds:.0f}s; {last_dir.name} in {result.adapter}"
                   + (f"; best validation loss {result.best_val_loss:.4f} in {best_dir}" if result.best_val_loss
                      is not None else ""))
     return result

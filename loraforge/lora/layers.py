@@ -295,7 +295,9 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        fan_in, fan_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
+        # nn.Linear's own sizes, not its weight's shape: a 4-bit weight is stored packed.
+        fan_in, fan_out = base_layer.weight.shape if self.fan_in_fan_out else (base_layer.in_features,
+                                                                                base_layer.out_features)
         self.in_features, self.out_features = fan_in, fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
