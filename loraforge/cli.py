@@ -40,7 +40,10 @@ def _train(args: argparse.Namespace) -> None:
     from loraforge.train import resolve_device, train
 
     result = train(config, console)
-    if config.compare and config.compare_samples:
+    if config.finetune == "full" and config.compare:
+        console.print(f"finetune=full: the tuned model is in {result.adapter}; compare it with `loraforge compare` "
+                      "(the base-vs-adapter comparison needs an adapter)")
+    elif config.compare and config.compare_samples:
         lora, tokenizer = _load_for_inference(config.model, [f"tuned={result.best_adapter or result.adapter}"],
                                               device=resolve_device(config)[0])
         test = _read_conversations(config.output / "data" / "test.jsonl")

@@ -156,13 +156,17 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
         mode = "lora" if arm == "qlora" else arm
         val, train_curve = _curves(result.output, est.flops_per_token[mode])
         model, tokenizer = _trained_model(config, result.adapter, device)
+        before = general_before
+        if arm != "full":  # the base this adapter trained on: QLoRA's is the quantized one
+            with model.disable_adapters():
+                before = _general_loss(model, tokenizer, general, config, device)
         results.append({
             "arm": arm, "lr": config.lr, "steps": result.steps, "stopped": result.stopped,
             "trainable": est.parameters.total if arm == "full" else est.parameters.adapter.trainable,
             "final_val_loss": result.final_val_loss, "best_val_loss": result.best_val_loss,
             "peak_mb": peak.peak_mb - baseline / 2**20, "seconds": result.seconds,
             "file_mb": folder_mb(result.adapter), "flops_per_token": est.flops_per_token[mode],
-            "general_before": general_before, "general_after": _general_loss(model, tokenizer, general, config, device),
+            "general_before": before, "general_after": _general_loss(model, tokenizer, general, config, device),
             "val_curve": val, "train_curve": train_curve})
         del model
     data = {"model": base.model, "data": str(base.data.path or "(the bundled demo data)"),

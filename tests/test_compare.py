@@ -149,3 +149,15 @@ def test_best_learning_rates_pick_the_lowest_final_loss_per_line():
              for lr, loss in ((1e-5, 0.9), (1e-4, 0.6))]
     assert best_learning_rates(runs) == {"all-linear r=4": {"lr": 1e-3, "loss": 0.5},
                                          "full fine-tuning": {"lr": 1e-4, "loss": 0.6}}
+
+
+def test_cli_train_full_finetune_finishes_without_adapter_comparison(tiny_model_dir, tmp_path):
+    from loraforge.cli import main
+    from loraforge.demo import DEMO_DATA
+
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:30]))
+    code = main(["train", f"model={tiny_model_dir}", f"data={data}", f"output={tmp_path / 'run'}", "finetune=full",
+                 "max_steps=2", "batch_size=4", "tensorboard=false", "report=false", "compare_samples=4"])
+    assert code == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
