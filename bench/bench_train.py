@@ -89,7 +89,8 @@ def run_loraforge(args) -> dict:
             f"lr={BENCH_LR}", "schedule=cosine", f"eval_every={args.steps}", "compare=false", "report=false",
             "tensorboard=false", f"max_seq_len={MAX_SEQ_LEN}", "lora.r=16", "lora.alpha=32", f"device={args.device}",
             f"precision={args.precision}", "max_grad_norm=1.0",
-            f"gradient_checkpointing={str(args.checkpointing).lower()}", f"packing={str(args.packing).lower()}"])
+            f"gradient_checkpointing={str(args.checkpointing).lower()}", f"packing={str(args.packing).lower()}",
+            f"base_dtype={args.base_dtype}"])
         start = time.perf_counter()
         result = train(config)
         wall = time.perf_counter() - start
@@ -174,6 +175,8 @@ def micro(args) -> dict:
 
     results = {"bound_s": timed(bound)}
     lora = LoraModel(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
+    if args.base_dtype in ("bf16", "fp16"):
+        lora.store_frozen_weights({"bf16": torch.bfloat16, "fp16": torch.float16}[args.base_dtype])
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
 
     def lora_step():
@@ -209,7 +212,8 @@ def worker(args) -> None:
 def spawn(args, role: str) -> dict:
     command = [sys.executable, __file__, "--worker", role, "--model", args.model, "--steps", str(args.steps),
                "--batch", str(args.batch), "--device", args.device, "--precision", args.precision,
-               "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else [])
+               "--repeats", str(args.repeats), "--base-dtype", args.base_dtype] + \
+        (["--checkpointing"] if args.checkpointing else []) + (["--packing"] if args.packing else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -230,6 +234,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     parser.add_argument("--packing", action="store_true",
                         help="loraforge packs conversations padding-free (TRL keeps its default, padded batches)")
+    parser.add_argument("--base-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="loraforge's base_dtype: storage of the adapted layers' frozen weights")
     parser.add_argument("--json", help="write all raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,8 +264,11 @@ def main() -> None:
         for row in ours + theirs:
             row["tokens_per_s"] = tokens / row["train_s"]
         med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+        ours_options = ", ".join(f"{k}={v}" for k, v in (("packing", args.packing), ("base_dtype", args.base_dtype))
+                                 if v not in (False, "auto"))
         print(f"| {args.steps} steps × batch {args.batch}, {args.device}/{args.precision}, checkpointing "
-              f"{'on' if args.checkpointing else 'off'}, median of {args.runs} "
+              f"{'on' if args.checkpointing else 'off'}, median of {args.runs}"
+              f"{f' (loraforge: {ours_options})' if ours_options else ''} "
               "| loraforge | PEFT+TRL | ratio |")
         print("|---|---|---|---|")
         for key, label in (("wall_s", "job wall time, load to saved adapter (s)"), ("train_s", "training loop (s)"),

@@ -50,25 +50,27 @@ class AdapterLayout:
     adapted: tuple[str, ...]  # module names (adapted parameters as owner.parameter)
     per_rank: float  # trainable parameters per unit of rank (full copies of modules_to_save excluded)
     materialized: int  # elements of adapted parameter tensors (W0 + ΔW is built each forward)
+    linear_weights: int = 0  # elements of adapted Linear/Conv1D weights (what base_dtype may store narrower)
 
 
 def adapter_layout(lora) -> AdapterLayout:
     """Describe the trainable adapters of a LoraModel."""
-    from loraforge.lora.layers import LoraParameter
+    from loraforge.lora.layers import LoraLinear, LoraParameter
 
-    adapted, materialized, factors, ranks = [], 0, 0, set()
+    adapted, materialized, linear, factors, ranks = [], 0, 0, 0, set()
     for name, layer in lora.lora_layers():
         if isinstance(layer, LoraParameter):
             adapted.append(f"{name}.{layer.parameter_name}")
             materialized += layer.base_weight.numel()
         else:
             adapted.append(name)
+            linear += layer.base_weight.numel() if isinstance(layer, LoraLinear) else 0
         for adapter, rank in layer.ranks.items():
             factors += sum(t.numel() for t in layer.peft_tensors(adapter).values())
             ranks.add(rank)
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     # modules_to_save copies are trainable too, but do not grow with the rank.
-    return AdapterLayout(trainable, tuple(adapted), factors / max(ranks, default=1), materialized)
+    return AdapterLayout(trainable, tuple(adapted), factors / max(ranks, default=1), materialized, linear)
 
 
 # -- learning rate ----------------------------------------------------------------------------------------

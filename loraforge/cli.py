@@ -44,8 +44,9 @@ def _train(args: argparse.Namespace) -> None:
         console.print(f"finetune=full: the tuned model is in {result.adapter}; compare it with `loraforge compare` "
                       "(the base-vs-adapter comparison needs an adapter)")
     elif config.compare and config.compare_samples:
+        # A QLoRA adapter is judged on the quantized base it was trained with, and so is "base".
         lora, tokenizer = _load_for_inference(config.model, [f"tuned={result.best_adapter or result.adapter}"],
-                                              device=resolve_device(config)[0])
+                                              device=resolve_device(config)[0], quant=config.quant)
         test = _read_conversations(config.output / "data" / "test.jsonl")
         if not test:
             console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
@@ -97,15 +98,16 @@ def _print_evaluation(evaluation: dict, console, samples: int = 4) -> None:
     console.print(side)
 
 
-def _load_for_inference(model_name: str | None, adapters: list[str], device: str = "cpu"):
-    """Base model plus named adapters: each entry is DIR or NAME=DIR (name defaults to the folder name)."""
+def _load_for_inference(model_name: str | None, adapters: list[str], device: str = "cpu", quant: str = "none"):
+    """Base model (optionally NF4/int8-quantized) plus named adapters: each entry is DIR or NAME=DIR (name
+    defaults to the folder name)."""
     from loraforge.lora import LoraModel
     from loraforge.lora.files import read_adapter_files
     from loraforge.models import load_model
 
     if model_name is None and adapters:
         model_name = read_adapter_files(Path(adapters[0].rpartition("=")[2]))[0].base_model_name_or_path
-    model, tokenizer = load_model(model_name, device=device)
+    model, tokenizer = load_model(model_name, device=device, quant=quant)
     lora = LoraModel(model)
     for entry in adapters:
         name, sep, directory = entry.partition("=")
@@ -220,9 +222,11 @@ def _eval(args: argparse.Namespace) -> None:
     conversations = _read_conversations(data_file)
     if not conversations:
         raise LoraforgeError(f"no conversations in {data_file}")
-    lora, tokenizer = _load_for_inference(args.model or config.model, adapters, device=args.device)
+    quant = args.quant or config.quant
+    lora, tokenizer = _load_for_inference(args.model or config.model, adapters, device=args.device, quant=quant)
     names = list(lora.configs)
-    console.print(f"evaluating base + {names or 'no adapter'} on {min(len(conversations), args.samples)} "
+    on_base = f" ({quant} base)" if quant != "none" else ""
+    console.print(f"evaluating base{on_base} + {names or 'no adapter'} on {min(len(conversations), args.samples)} "
                   f"conversations of {data_file}")
     evaluation = {"split": args.split if not args.data else str(data_file),
                   **evaluate_models(lora, tokenizer, conversations, names, args.metrics, args.samples,
@@ -307,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--quant", choices=["none", "nf4", "int8"],
+                          help="quantize the base as in QLoRA training (default: the run's quant, else none)")
     evaluate.add_argument("--output", help="where to write evaluation.json (default: the run folder)")
     evaluate.add_argument("--report", action="store_true", help="also write the run's HTML report")
     evaluate.set_defaults(run=_eval)

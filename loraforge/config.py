@@ -176,6 +176,11 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype. auto: bf16 on CUDA GPUs that have it, fp32 on CPU."
     )
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Storage of the adapted layers' frozen weights. auto: the autocast dtype under bf16/fp16 "
+        "autocast (what every matmul casts them to anyway, so nothing changes but the bytes), else fp32. bf16 on "
+        "CPU halves those bytes and still computes in fp32 (weights are widened per use)."
+    )
     quant: Literal["none", "nf4", "int8"] = Field(
         "none", description="QLoRA: keep the frozen base's linear weights in 4-bit NF4 (double-quantized, "
         "blocksize 64) or 8-bit via bitsandbytes; adapters stay in full precision."

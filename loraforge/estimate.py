@@ -212,14 +212,18 @@ class Memory:
 
 
 def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, dtype: str, activation_dtype: str,
-           batch_size: int, seq_len: int, target_fraction: float, checkpointing: bool) -> Memory:
-    """Bytes of full fine-tuning ("full"), LoRA ("lora") or QLoRA ("qlora") for one micro-batch."""
+           batch_size: int, seq_len: int, target_fraction: float, checkpointing: bool,
+           frozen_dtype: str | None = None) -> Memory:
+    """Bytes of full fine-tuning ("full"), LoRA ("lora") or QLoRA ("qlora") for one micro-batch.
+    frozen_dtype: how LoRA stores the adapted layers' frozen weights (train's base_dtype), default `dtype`."""
     weight_bytes = DTYPE_BYTES[dtype]
     full = mode == "full"
     trainable = params.total if full else params.adapter.trainable
     weights = params.total * weight_bytes + (0 if full else trainable * ADAPTER_BYTES)
     if mode == "qlora":
         weights -= params.quantizable * (weight_bytes - NF4_BYTES)
+    elif mode == "lora" and frozen_dtype:
+        weights -= params.adapter.linear_weights * max(0, weight_bytes - DTYPE_BYTES[frozen_dtype])
     tokens = batch_size * seq_len
     targets = tokens * target_fraction
     # The loss holds logits for at most a chunk of rows at once and recomputes chunks in backward
@@ -295,12 +299,15 @@ def estimate(model: str, config: TrainConfig, dtype: str | None = None, target_f
     params = count_parameters(model_config, config.lora)
     dtype = dtype or config_dtype(model_config)
     activation_dtype = config.precision if config.precision in ("bf16", "fp16") else dtype
+    # train's base_dtype: auto stores adapted weights in the autocast dtype (train.frozen_storage_dtype)
+    frozen_dtype = activation_dtype if config.base_dtype == "auto" else config.base_dtype
     shape = dict(batch_size=config.batch_size, seq_len=config.max_seq_len, target_fraction=target_fraction,
                  checkpointing=config.gradient_checkpointing)
     return Estimate(
         model=model, architecture=arch, parameters=params, dtype=dtype, activation_dtype=activation_dtype,
         grad_accum=config.grad_accum, **shape,
-        memory={mode: memory(arch, params, mode, config.lora, dtype, activation_dtype, **shape) for mode in MODES},
+        memory={mode: memory(arch, params, mode, config.lora, dtype, activation_dtype, frozen_dtype=frozen_dtype,
+                             **shape) for mode in MODES},
         flops_per_token={mode: flops_per_token(arch, params, mode, config.max_seq_len) for mode in MODES})
 
 

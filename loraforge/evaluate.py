@@ -257,7 +257,10 @@ def folder_mb(path: Path) -> float:
 def resources(lora, tokenizer: PreTrainedTokenizerBase, adapter: str, adapter_dir: Path | None,
               base_dir: Path | None, prompt: Messages, new_tokens: int = 32) -> dict:
     """Adapter size vs base, trainable parameters, and generation latency / peak memory for the base,
-    the adapter unmerged, and the adapter merged (which must cost what the base costs)."""
+    the adapter unmerged, and the adapter merged (which must cost what the base costs). A 4-bit / 8-bit base
+    cannot be merged in place (`loraforge merge` dequantizes), so it has no merged latency."""
+    from loraforge.quant import model_quant
+
     adapter_params = sum(p.numel() for p in lora.adapter_parameters(adapter))
     total = sum(p.numel() for p in lora.parameters())
     base_params = total - sum(p.numel() for name in lora.configs for p in lora.adapter_parameters(name))
@@ -271,11 +274,12 @@ def resources(lora, tokenizer: PreTrainedTokenizerBase, adapter: str, adapter_di
         latency["unmerged"] = generation_latency(lora, input_ids, new_tokens)
         # Base and merged both run through the (then idle) wrappers, so the gap to the base is the adapter's
         # own cost: zero once merged.
-        lora.merge([adapter])
-        try:
-            latency["merged"] = generation_latency(lora, input_ids, new_tokens)
-        finally:
-            lora.unmerge()
+        if model_quant(lora.model) == "none":
+            lora.merge([adapter])
+            try:
+                latency["merged"] = generation_latency(lora, input_ids, new_tokens)
+            finally:
+                lora.unmerge()
     return {
         "base_params": base_params, "trainable_params": adapter_params,
         "trainable_percent": 100 * adapter_params / max(base_params, 1),

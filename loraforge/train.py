@@ -94,6 +94,13 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | Non
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype to keep adapted layers' frozen weights in, None to leave them as loaded (fp32)."""
+    if config.base_dtype == "auto":
+        return amp_dtype  # autocast casts them to this in every matmul anyway: storing it loses nothing
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.base_dtype]
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to finish its step, checkpoint and exit; a second SIGINT aborts."""
 
@@ -216,6 +223,12 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    storage = frozen_storage_dtype(config, amp_dtype)
+    if storage is not None and not full:
+        saved = lora.store_frozen_weights(storage)
+        if saved:
+            console.print(f"frozen weights of adapted layers kept in {str(storage).removeprefix('torch.')}: "
+                          f"{saved / 2**20:,.0f} MB saved")
     if full:
         console.print(f"full fine-tuning: {sum(p.numel() for p in lora.parameters()):,} trainable parameters")
     else:

@@ -238,3 +238,17 @@ def test_calibration_on_smollm2_predicts_peak_memory_within_15_percent():
     rows = calibrate(estimate("default", config, model_config=model_config), model_config, config)
     for row in rows:
         assert row["measured_peak"] == pytest.approx(row["predicted_peak"], rel=0.15), row
+
+
+def test_base_dtype_bf16_stores_adapted_weights_in_half_the_bytes():
+    from loraforge.estimate import estimate
+
+    model_config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    plain = estimate("tiny", TrainConfig(lora={"targets": "all-linear"}), "fp32", model_config=model_config)
+    narrow = estimate("tiny", TrainConfig(lora={"targets": "all-linear"}, base_dtype="bf16"), "fp32",
+                      model_config=model_config)
+    linear = plain.parameters.adapter.linear_weights
+    assert linear == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # 2 layers × (q, o + k, v + gate, up, down)
+    assert plain.memory["lora"].weights - narrow.memory["lora"].weights == 2 * linear
+    assert plain.memory["full"].weights == narrow.memory["full"].weights  # full fine-tuning trains them in fp32

@@ -316,3 +316,22 @@ def test_cli_merge_uses_the_runs_nf4_base_and_reports_requantization(qlora_run, 
     assert report["requantize"] == "nf4" and len(report["layers"]) == 14 and "requantized" in report["loss"]
     config = json.loads((requantized_dir / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_cli_eval_judges_a_qlora_adapter_on_the_runs_nf4_base(qlora_run, tmp_path, capsys):
+    from loraforge.cli import main
+
+    result, _ = qlora_run
+    run = result.adapter.parent
+    quantized = tmp_path / "nf4.json"
+    assert main(["eval", str(run), "--split", "validation", "--samples", "2", "--consistency", "0",
+                 "--max-new-tokens", "2", "--metrics", "exact_match", "--output", str(quantized)]) == 0
+    assert "(nf4 base)" in capsys.readouterr().out  # the run's quant is the default
+    plain = tmp_path / "none.json"
+    assert main(["eval", str(run), "--split", "validation", "--samples", "2", "--consistency", "0",
+                 "--max-new-tokens", "2", "--metrics", "exact_match", "--quant", "none", "--output", str(plain)]) == 0
+    on_nf4, on_float = json.loads(quantized.read_text()), json.loads(plain.read_text())
+    # the 4-bit base has no in-place merge, so only the float base reports a merged latency
+    assert set(on_nf4["resources"]["latency"]) == {"base", "unmerged"}
+    assert set(on_float["resources"]["latency"]) == {"base", "unmerged", "merged"}
+    assert on_nf4["models"]["base"]["loss"] != pytest.approx(on_float["models"]["base"]["loss"], abs=1e-6)

@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loraforge.config import LoraConfig
 from loraforge.errors import AdapterError, MergeError
+from loraforge.lora.fused import frozen_linear_with_lora
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class LoraLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_output(x, *args, **kwargs)
         self._check_merge_state()
         if self.row_adapters is not None:
             stacked = self._stacked_factors(self.row_adapters)
@@ -155,6 +156,9 @@ class LoraLayer(nn.Module):
         for name in self._unmerged_active():
             result = self._add_update(result, x, name, base)
         return result
+
+    def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs)
 
     def _add_update(self, result: torch.Tensor, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         """result + what adapter `name` adds to the base output `base_out` (DoRA also rescales that output)."""
@@ -318,6 +322,41 @@ class LoraLinear(LoraLayer):
             from loraforge.lora.dora import init_magnitude
 
             init_magnitude(self, name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else self._fused_adapter()
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return frozen_linear_with_lora(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                       self.scaling[name], self.fan_in_fan_out)
+
+    def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        weight = base.weight
+        if (weight.dtype == x.dtype or not weight.is_floating_point() or torch.is_autocast_enabled(x.device.type)
+                or type(base) not in (nn.Linear, Conv1D)):
+            return base(x, *args, **kwargs)
+        # a frozen weight stored narrower than the compute dtype (store_frozen_weights): widen it for this call
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        if self.fan_in_fan_out:
+            return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.to(x.dtype)).view(*x.shape[:-1], -1)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    def _fused_adapter(self) -> str | None:
+        """The adapter when this call can run as one fused node (see fused.py): one active adapter, no dropout,
+        no DoRA, a plain float frozen base without hooks; else None."""
+        if self.row_adapters is not None or self.merged_adapters or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        base = self.base_layer
+        if (name not in self.ranks or name in self.lora_magnitude_vector
+                or (self.dropout_p[name] and self.training) or type(base) not in (nn.Linear, Conv1D)
+                or base._forward_hooks or base._forward_pre_hooks
+                or not base.weight.is_floating_point() or base.weight.requires_grad
+                or (base.bias is not None and base.bias.requires_grad)):
+            return None
+        return name
 
     def _add_update(self, result: torch.Tensor, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         if name in self.lora_magnitude_vector:

@@ -21,7 +21,7 @@ from torch import nn
 
 from loraforge.config import LoraConfig
 from loraforge.errors import AdapterError, MergeError
-from loraforge.lora.layers import LoraLayer, LoraParameter, ModulesToSave, RowAdapters
+from loraforge.lora.layers import LoraLayer, LoraLinear, LoraParameter, ModulesToSave, RowAdapters
 from loraforge.lora.methods import method
 from loraforge.lora.targeting import base_modules, find_targets, pattern_value, unwrap
 
@@ -275,6 +275,20 @@ class LoraModel(nn.Module):
             controller.after_optimizer_step(step)
 
     # -- reporting -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def store_frozen_weights(self, dtype: torch.dtype) -> int:
+        """Keep the frozen float weights of adapted Linear/Conv1D layers in `dtype` (e.g. bf16 under fp32 compute:
+        the layers widen them per use). Returns the bytes saved."""
+        saved = 0
+        for _, layer in self.lora_layers():
+            if not isinstance(layer, LoraLinear):
+                continue
+            weight = layer.base_weight
+            if weight.is_floating_point() and not weight.requires_grad and weight.dtype != dtype:
+                saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
+                weight.data = weight.data.to(dtype)
+        return saved
+
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

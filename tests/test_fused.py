@@ -1,0 +1,134 @@
+"""The fused LoRA linear node (lora/fused.py) against the generic path it replaces on the hot path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loraforge import LoraConfig
+from loraforge.lora.layers import LoraLinear
+
+
+def _layer(kind: str, bias: bool, weight_dtype: torch.dtype = torch.float32) -> LoraLinear:
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=bias) if kind == "linear" else Conv1D(40, 24)  # Conv1D always has a bias
+    base.requires_grad_(False)
+    base.to(weight_dtype)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", 4, 8, LoraConfig())
+    layer.active_adapters = ("a",)
+    nn.init.normal_(layer.lora_B["a"].weight, std=0.1)
+    return layer
+
+
+def _forward_backward(layer: LoraLinear, x: torch.Tensor, fused: bool, autocast: bool = False):
+    if not fused:
+        layer._fused_adapter = lambda: None  # the generic path: base layer, then the adapter's addmm
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for p in (layer.lora_A["a"].weight, layer.lora_B["a"].weight)]
+    layer.zero_grad(set_to_none=True)
+    layer.__dict__.pop("_fused_adapter", None)
+    return out, grads
+
+
+@pytest.mark.parametrize("kind, bias", [("linear", True), ("linear", False), ("conv1d", True)])
+def test_fused_node_equals_the_generic_path(kind, bias):
+    layer = _layer(kind, bias)
+    x = torch.randn(3, 5, 24)
+    out, grads = _forward_backward(layer, x, fused=True)
+    assert type(out.grad_fn).__name__ == "_FrozenLinearLoraBackward"  # the hot path really is fused
+    expected, expected_grads = _forward_backward(layer, x, fused=False)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert layer.base_layer.weight.grad is None  # never a gradient for W0
+
+
+def test_fused_node_widens_a_bf16_stored_base_exactly_like_a_float_copy():
+    narrow = _layer("linear", True, torch.bfloat16)
+    wide = _layer("linear", True)
+    wide.base_layer.load_state_dict({k: v.float() for k, v in narrow.base_layer.state_dict().items()})
+    x = torch.randn(2, 7, 24)
+    out, grads = _forward_backward(narrow, x, fused=True)
+    assert out.dtype == torch.float32 and narrow.base_layer.weight.dtype == torch.bfloat16
+    expected, expected_grads = _forward_backward(wide, x, fused=False)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_node_under_autocast_computes_in_the_autocast_dtype():
+    layer = _layer("linear", True)
+    x = torch.randn(2, 6, 24)
+    out, grads = _forward_backward(layer, x, fused=True, autocast=True)
+    expected, expected_grads = _forward_backward(layer, x, fused=False, autocast=True)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.float32] * 3  # gradients in each input's own dtype
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_input_without_grad_gets_no_input_gradient_work():
+    layer = _layer("linear", False)
+    out = layer(torch.randn(2, 3, 24))  # e.g. the first layer after a frozen embedding
+    out.sum().backward()
+    assert layer.lora_A["a"].weight.grad is not None and layer.lora_B["a"].weight.grad is not None
+
+
+@pytest.mark.parametrize("setup", ["dropout", "two_adapters", "dora", "merged", "trainable_base"])
+def test_other_cases_take_the_generic_path(setup):
+    layer = _layer("linear", True)
+    if setup == "dropout":
+        layer.dropout_p["a"] = 0.1
+        layer.train()
+    elif setup == "two_adapters":
+        layer.add_adapter("b", 4, 8, LoraConfig())
+        layer.active_adapters = ("a", "b")
+    elif setup == "dora":
+        layer.add_adapter("d", 4, 8, LoraConfig(use_dora=True))
+        layer.active_adapters = ("d",)
+    elif setup == "merged":
+        layer.merge(["a"])
+    else:
+        layer.base_layer.weight.requires_grad_(True)
+    assert layer._fused_adapter() is None
+    out = layer(torch.randn(2, 3, 24, requires_grad=True))
+    assert type(out.grad_fn).__name__ != "_FrozenLinearLoraBackward"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_bf16_stored_base_trains_like_its_widened_copy(arch):
+    """store_frozen_weights(bf16) on fp32 compute: the same model as a float base holding the rounded values,
+    on the fused path and (with dropout) on the generic one; the adapter file is unaffected."""
+    from conftest import make_inputs, make_model, perturb
+
+    from loraforge import LoraModel
+
+    for dropout in (0.0, 0.1):
+        config = LoraConfig(r=4, alpha=8, targets="all-linear", dropout=dropout)
+        narrow = LoraModel(make_model(arch), config)
+        perturb(narrow, "default")
+        wide = LoraModel(make_model(arch), config)
+        wide.load_state_dict(narrow.state_dict())
+        saved = narrow.store_frozen_weights(torch.bfloat16)
+        layers = [layer for _, layer in narrow.lora_layers()]
+        assert saved == sum(layer.base_weight.numel() * 2 for layer in layers) > 0
+        assert all(layer.base_weight.dtype == torch.bfloat16 for layer in layers)
+        for _, layer in wide.lora_layers():  # the float copy holds exactly the rounded values
+            layer.base_weight.data = layer.base_weight.data.to(torch.bfloat16).float()
+        inputs = make_inputs(arch)
+        for model in (narrow, wide):
+            model.train()
+            torch.manual_seed(3)  # the same dropout masks on both
+            model(inputs).logits.float().square().mean().backward()
+        torch.testing.assert_close(narrow.eval()(inputs).logits, wide.eval()(inputs).logits, atol=1e-5, rtol=1e-5)
+        for (name, p), (_, q) in zip(narrow.named_parameters(), wide.named_parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert narrow.state_dict().keys() == wide.state_dict().keys()
