@@ -181,6 +181,10 @@ class TrainConfig(Section):
         "autocast (what every matmul casts them to anyway, so nothing changes but the bytes), else fp32. bf16 on "
         "CPU halves those bytes and still computes in fp32 (weights are widened per use)."
     )
+    compact_cpu_memory: bool = Field(
+        False, description="On Linux CPUs, have glibc return every freed block above 128 KiB to the system at once, "
+        "for the rest of the process: peak RSS −30% on the demo job, but steps are slower (fresh pages every step)."
+    )
     quant: Literal["none", "nf4", "int8"] = Field(
         "none", description="QLoRA: keep the frozen base's linear weights in 4-bit NF4 (double-quantized, "
         "blocksize 64) or 8-bit via bitsandbytes; adapters stay in full precision."

@@ -28,6 +28,7 @@ from torch import nn
 from loraforge.errors import AdapterError, ConfigError
 from loraforge.lora.layers import LoraLayer, ModulesToSave
 from loraforge.lora.targeting import unwrap
+from loraforge.models import release_checkpoint_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +94,10 @@ def quantize_model(model: nn.Module, quant: str, device: str | torch.device = "c
     for name in names:
         model.set_submodule(name, _quantized_linear(model.get_submodule(name), quant, compute_dtype, device))
     if device.type == "cpu":
-        _release_checkpoint_mapping(model)
+        release_checkpoint_mapping(model)
     sizes = frozen_weight_bytes(model)
     logger.info("quant=%s: %d linear layers; %s", quant, len(names), sizes.describe())
     return sizes
-
-
-@torch.no_grad()
-def _release_checkpoint_mapping(model: nn.Module) -> None:
-    # transformers memory-maps the safetensors file and the float tensors that stay (embeddings, norms) are views
-    # into it; while one is, every page of the file that quantization read stays resident: 520 MB of RSS for
-    # SmolLM2-135M on top of its 160 MB of quantized weights. Owning copies of the kept tensors let it go.
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.clone()
 
 
 def _quantized_linear(linear: nn.Linear, quant: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -14,6 +14,7 @@ tensorboard/, learning_curve.png and summary.json.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import random
@@ -35,7 +36,7 @@ from loraforge.demo import DEMO_DATA
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.evaluate import causal_lm_loss, evaluate_loss
 from loraforge.lora import LoraModel
-from loraforge.models import DEFAULT_MODEL_HUB_ID, is_default_model, load_model
+from loraforge.models import DEFAULT_MODEL_HUB_ID, is_default_model, load_model, release_checkpoint_mapping
 from loraforge.optim import build_optimizer, build_scheduler
 
 
@@ -92,6 +93,19 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | Non
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def compact_cpu_allocator() -> bool:
+    """Fix glibc's mmap threshold at 128 KiB (True if it took). By default the threshold grows with every freed
+    large block up to 32 MB, so activation-sized tensors come from the heap, which fragments and keeps freed
+    memory: on the demo job the peak RSS fell from 2,686 to 1,857 MB with the fixed threshold. The price is a
+    fresh, zeroed page for every new tensor: steps measured 1.3–1.8× slower on this project's VM, hence opt-in."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return False
+    m_mmap_threshold = -3  # from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
 
 
 def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -195,6 +209,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     if config.resume and resume_from is None:
         console.print(f"[yellow]no complete checkpoint in {checkpoints}; starting from scratch[/]")
     device, amp_dtype = resolve_device(config)
+    if device.type == "cpu" and config.compact_cpu_memory:
+        compact_cpu_allocator()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -226,6 +242,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     storage = frozen_storage_dtype(config, amp_dtype)
     if storage is not None and not full:
         saved = lora.store_frozen_weights(storage)
+        release_checkpoint_mapping(model)  # else the fp32 file stays resident behind the embedding's view
         if saved:
             console.print(f"frozen weights of adapted layers kept in {str(storage).removeprefix('torch.')}: "
                           f"{saved / 2**20:,.0f} MB saved")
