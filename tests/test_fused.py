@@ -150,3 +150,68 @@ def test_releasing_the_checkpoint_map_keeps_values_and_ties(tiny_model_dir):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
     assert compact_cpu_allocator() == (platform.libc_ver()[0] == "glibc")  # a no-op, not an error, elsewhere
+
+
+def _saved_bytes(fn) -> int:
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_swiglu_mlp_equals_the_separate_ops_and_keeps_less(arch):
+    from conftest import make_inputs, make_model, perturb
+
+    from loraforge import LoraModel
+    from loraforge.lora.model import _fused_mlp_forward
+
+    lora = LoraModel(make_model(arch), LoraConfig(r=4, alpha=8, targets="all-linear"))
+    perturb(lora, "default")
+    lora.train()
+    mlps = [m for m in lora.model.modules() if type(m).__name__.endswith("MLP")]
+    assert mlps and all(m.forward.func is _fused_mlp_forward for m in mlps)
+    inputs = make_inputs(arch)
+    params = [p for p in lora.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        out, saved = _saved_bytes(lambda: lora(inputs).logits)
+        grads = torch.autograd.grad(out.square().mean(), params)
+        return out, grads, saved
+
+    fused, fused_grads, fused_saved = loss_and_grads()
+    calls = []
+    for m in mlps:  # the class forward: LoRA linears one by one, silu and product by autograd
+        m.forward = lambda x, m=m: calls.append(1) or type(m).forward(m, x)
+    plain, plain_grads, plain_saved = loss_and_grads()
+    assert len(calls) == len(mlps)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert fused_saved < plain_saved  # silu(gate) and the product are recomputed, not kept
+
+
+def test_fused_mlp_falls_back_and_unload_restores_the_class_forward():
+    from conftest import make_inputs, make_model, perturb
+
+    from loraforge import LoraModel
+
+    model = make_model("llama")
+    base = model(make_inputs("llama")).logits
+    lora = LoraModel(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    perturb(lora, "default")
+    lora.add_adapter("second", LoraConfig(r=4, alpha=8, targets="all-linear"))
+    perturb(lora, "second", seed=9)
+    lora.set_active(["default", "second"])  # two adapters: the MLP takes the generic path
+    both = lora(make_inputs("llama")).logits
+    lora.set_active(["default"])
+    one = lora(make_inputs("llama")).logits
+    assert (both - one).abs().max() > 1e-4
+    plain = lora.unload()
+    assert all("forward" not in m.__dict__ for m in plain.modules())
+    torch.testing.assert_close(plain(make_inputs("llama")).logits, base, atol=0, rtol=0)

@@ -13,6 +13,7 @@ It covers the training hot path: one active adapter, no dropout, a float frozen 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -21,18 +22,39 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _lora_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                  b: torch.Tensor, scale: float, fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x·W0ᵀ + bias + s·h·Bᵀ, h = x·Aᵀ) for a 2-D x, everything in x's dtype."""
+    dtype = flat.dtype
+    w = weight.to(dtype)
+    w = w.T if fan_in_fan_out else w  # (out, in)
+    hidden = flat @ a.to(dtype).T  # (tokens, r)
+    out = flat @ w.T if bias is None else torch.addmm(bias.to(dtype), flat, w.T)
+    return torch.addmm(out, hidden, b.to(dtype).T, alpha=scale), hidden
+
+
+def _lora_backward(g: torch.Tensor, flat: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
+                   b: torch.Tensor, scale: float, fan_in_fan_out: bool, need_x: bool):
+    """(dx, dA, dB) of the layer above for the output gradient g; dx = g·W0 + (s·g·B)·A in one addmm."""
+    dtype = flat.dtype
+    grad_hidden = (g @ b.to(dtype)) * scale  # (tokens, r)
+    grad_b = ((g.T @ hidden) * scale).to(b.dtype)
+    grad_a = (grad_hidden.T @ flat).to(a.dtype)
+    grad_x = None
+    if need_x:
+        w = weight.to(dtype)
+        w = w.T if fan_in_fan_out else w  # (out, in)
+        grad_x = torch.addmm(g @ w, grad_hidden, a.to(dtype))
+    return grad_x, grad_a, grad_b
+
+
 class _FrozenLinearLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale: float, fan_in_fan_out: bool):
-        dtype = compute_dtype(x)
+        dtype = compute_dtype(x)  # read before autocast is switched off for the explicit casts below
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            w = weight.to(dtype)
-            w = w.T if fan_in_fan_out else w  # (out, in)
-            a_c, b_c = a.to(dtype), b.to(dtype)
-            hidden = flat @ a_c.T  # (tokens, r)
-            out = flat @ w.T if bias is None else torch.addmm(bias.to(dtype), flat, w.T)
-            out = torch.addmm(out, hidden, b_c.T, alpha=scale)
+            out, hidden = _lora_forward(flat, weight, bias, a, b, scale, fan_in_fan_out)
         ctx.save_for_backward(flat, hidden, weight, a, b)
         ctx.scale, ctx.fan_in_fan_out, ctx.x_shape, ctx.x_dtype = scale, fan_in_fan_out, x.shape, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -40,23 +62,59 @@ class _FrozenLinearLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         flat, hidden, weight, a, b = ctx.saved_tensors
-        dtype, scale = flat.dtype, ctx.scale
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        b_c = b.to(dtype)
-        grad_hidden = (g @ b_c) * scale  # (tokens, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[4]:
-            grad_b = ((g.T @ hidden) * scale).to(b.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_a = (grad_hidden.T @ flat).to(a.dtype)
-        if ctx.needs_input_grad[0]:
-            w = weight.to(dtype)
-            w = w.T if ctx.fan_in_fan_out else w  # (out, in)
-            grad_x = torch.addmm(g @ w, grad_hidden, a.to(dtype)).view(ctx.x_shape).to(ctx.x_dtype)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
+        grad_x, grad_a, grad_b = _lora_backward(g, flat, hidden, weight, a, b, ctx.scale, ctx.fan_in_fan_out,
+                                                ctx.needs_input_grad[0])
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class _SwiGluLora(torch.autograd.Function):
+    """down(silu(gate(x)) · up(x)), each projection a frozen linear + one adapter (no biases). Saves x, the gate
+    and up outputs and the three rank-r products; silu(gate) and the product are recomputed in backward — two
+    (tokens × intermediate) tensors fewer than autograd over the separate ops keeps."""
+
+    @staticmethod
+    def forward(ctx, x, scales: tuple[float, float, float], *tensors):
+        (wg, ag, bg), (wu, au, bu), (wd, ad, bd) = tensors[0:3], tensors[3:6], tensors[6:9]
+        sg, su, sd = scales
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            gate, hg = _lora_forward(flat, wg, None, ag, bg, sg, False)
+            up, hu = _lora_forward(flat, wu, None, au, bu, su, False)
+            out, hd = _lora_forward(F.silu(gate) * up, wd, None, ad, bd, sd, False)
+        ctx.save_for_backward(flat, gate, up, hg, hu, hd, *tensors)
+        ctx.scales, ctx.x_shape, ctx.x_dtype = scales, x.shape, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, gate, up, hg, hu, hd, *tensors = ctx.saved_tensors
+        (wg, ag, bg), (wu, au, bu), (wd, ad, bd) = tensors[0:3], tensors[3:6], tensors[6:9]
+        sg, su, sd = ctx.scales
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
+        sig = torch.sigmoid(gate)
+        act = gate * sig  # silu(gate)
+        grad_p, grad_ad, grad_bd = _lora_backward(g, act * up, hd, wd, ad, bd, sd, False, True)
+        grad_up = grad_p * act
+        grad_gate = grad_p * up * sig * (1 + gate * (1 - sig))  # silu'(z) = σ(z)·(1 + z·(1 − σ(z)))
+        need_x = ctx.needs_input_grad[0]
+        grad_xg, grad_ag, grad_bg = _lora_backward(grad_gate, flat, hg, wg, ag, bg, sg, False, need_x)
+        grad_xu, grad_au, grad_bu = _lora_backward(grad_up, flat, hu, wu, au, bu, su, False, need_x)
+        grad_x = (grad_xg + grad_xu).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
+        return (grad_x, None, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd)
 
 
 def frozen_linear_with_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                             b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
     """x·W0ᵀ + bias + scale·(x·Aᵀ)·Bᵀ; W0 (and bias) frozen, W0 as (out, in), or (in, out) for GPT-2 Conv1D."""
     return _FrozenLinearLora.apply(x, weight, bias, a, b, scale, fan_in_fan_out)
+
+
+def swiglu_with_lora(x: torch.Tensor, projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+                     ) -> torch.Tensor:
+    """A Llama-style MLP, down(silu(gate(x)) · up(x)), from (W0, A, B, scale) of gate, up and down."""
+    scales = tuple(p[3] for p in projections)
+    return _SwiGluLora.apply(x, scales, *(t for p in projections for t in p[:3]))

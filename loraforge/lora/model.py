@@ -13,19 +13,40 @@ frozen. `LoraModel` is itself an `nn.Module` whose `model` attribute is the wrap
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from loraforge.config import LoraConfig
 from loraforge.errors import AdapterError, MergeError
+from loraforge.lora.fused import swiglu_with_lora
 from loraforge.lora.layers import LoraLayer, LoraLinear, LoraParameter, ModulesToSave, RowAdapters
 from loraforge.lora.methods import method
 from loraforge.lora.targeting import base_modules, find_targets, pattern_value, unwrap
 
 DEFAULT_ADAPTER = "default"
+# Llama-style MLPs, down(silu(gate(x)) · up(x)) with no biases, that run as one fused node when all three
+# projections carry the same single adapter (lora/fused.py: two fewer intermediate-width tensors kept).
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def _fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if all(isinstance(layer, LoraLinear) and layer.base_layer.bias is None for layer in layers):
+        name = layers[0]._fused_adapter()
+        if name is not None and all(layer._fused_adapter() == name for layer in layers[1:]):
+            return swiglu_with_lora(x, [(layer.base_weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                         layer.scaling[name]) for layer in layers])
+    return type(mlp).forward(mlp, x)
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    return type(module).__name__ in SWIGLU_MLPS and isinstance(getattr(module, "act_fn", None),
+                                                              (nn.SiLU, SiLUActivation))
 
 
 class LoraModel(nn.Module):
@@ -77,6 +98,9 @@ class LoraModel(nn.Module):
             self.set_active(name)
         else:
             self._broadcast(active_adapters=self.active_adapters)
+        for module in self.model.modules():
+            if _is_swiglu_mlp(module) and "forward" not in module.__dict__:
+                module.forward = functools.partial(_fused_mlp_forward, module)  # falls back when not fusable
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; wrappers left with no adapter are replaced by their base module."""
@@ -253,6 +277,9 @@ class LoraModel(nn.Module):
         return self._unwrap_all(keep_merged=False)
 
     def _unwrap_all(self, keep_merged: bool) -> nn.Module:
+        for module in self.model.modules():
+            if getattr(module.__dict__.get("forward"), "func", None) is _fused_mlp_forward:
+                del module.forward
         for module_name, module in list(base_modules(self.model)):
             if isinstance(module, ModulesToSave):
                 self.model.set_submodule(module_name, module.active_module() if keep_merged else module.original_module)
