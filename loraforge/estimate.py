@@ -39,6 +39,7 @@ from loraforge.advise import AdapterLayout, adapter_layout
 from loraforge.config import LoraConfig, TrainConfig, load_train_config
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.evaluate import LOGITS_CHUNK_ELEMENTS
+from loraforge.lora.model import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
 
 PRESETS = Path(__file__).parent / "presets"
@@ -170,6 +171,8 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
     - LoRA adds, once per layer and group, the input its A factors need: the norm output for q/k/v, the norm
       output for gate/up (h each), the down projection's input (I); and A's output (r) per adapted module. With
       dropout, each adapted module keeps its dropped input and the mask (2 × fan-in) instead.
+    - A Llama-style MLP with gate, up and down adapted and no dropout runs fused (lora/fused.py): SiLU(gate) and
+      the down projection's input are recomputed in backward, 2·I fewer.
     Gradient never flows below the first adapted layer, so LoRA layers below it keep nothing.
     """
     h, q = arch.hidden, arch.q_dim
@@ -190,7 +193,13 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
             extra += 2 * width
         elif not (attention and output):  # SDPA keeps the attention output already
             inputs[(layer, attention, output)] = width
-    return (arch.layers - first_layer) * per_layer + extra + sum(inputs.values())
+    fused_mlps = 0
+    if dropout == 0 and arch.model_type in SWIGLU_MLPS:
+        projections: dict[int | None, set[str]] = {}
+        for name in adapted:
+            projections.setdefault(layer_index(name, None), set()).add(name.rpartition(".")[2])
+        fused_mlps = sum(1 for found in projections.values() if {"gate_proj", "up_proj", "down_proj"} <= found)
+    return (arch.layers - first_layer) * per_layer + extra + sum(inputs.values()) - fused_mlps * 2 * mlp
 
 
 @dataclass

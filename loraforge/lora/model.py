@@ -31,7 +31,7 @@ from loraforge.lora.targeting import base_modules, find_targets, pattern_value, 
 DEFAULT_ADAPTER = "default"
 # Llama-style MLPs, down(silu(gate(x)) · up(x)) with no biases, that run as one fused node when all three
 # projections carry the same single adapter (lora/fused.py: two fewer intermediate-width tensors kept).
-SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+SWIGLU_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}  # model_type
 
 
 def _fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
-    return type(module).__name__ in SWIGLU_MLPS and isinstance(getattr(module, "act_fn", None),
+    return type(module).__name__ in SWIGLU_MLPS.values() and isinstance(getattr(module, "act_fn", None),
                                                               (nn.SiLU, SiLUActivation))
 
 
