@@ -30,7 +30,8 @@ def _lora_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     w = w.T if fan_in_fan_out else w  # (out, in)
     hidden = flat @ a.to(dtype).T  # (tokens, r)
     out = flat @ w.T if bias is None else torch.addmm(bias.to(dtype), flat, w.T)
-    return torch.addmm(out, hidden, b.to(dtype).T, alpha=scale), hidden
+    # In place: out-of-place addmm first copies its (tokens × fan_out) input into a new result.
+    return out.addmm_(hidden, b.to(dtype).T, alpha=scale), hidden
 
 
 def _lora_backward(g: torch.Tensor, flat: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
@@ -44,7 +45,7 @@ def _lora_backward(g: torch.Tensor, flat: torch.Tensor, hidden: torch.Tensor, we
     if need_x:
         w = weight.to(dtype)
         w = w.T if fan_in_fan_out else w  # (out, in)
-        grad_x = torch.addmm(g @ w, grad_hidden, a.to(dtype))
+        grad_x = (g @ w).addmm_(grad_hidden, a.to(dtype))
     return grad_x, grad_a, grad_b
 
 
@@ -95,11 +96,10 @@ class _SwiGluLora(torch.autograd.Function):
         (wg, ag, bg), (wu, au, bu), (wd, ad, bd) = tensors[0:3], tensors[3:6], tensors[6:9]
         sg, su, sd = ctx.scales
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
-        sig = torch.sigmoid(gate)
-        act = gate * sig  # silu(gate)
+        act = F.silu(gate)
         grad_p, grad_ad, grad_bd = _lora_backward(g, act * up, hd, wd, ad, bd, sd, False, True)
         grad_up = grad_p * act
-        grad_gate = grad_p * up * sig * (1 + gate * (1 - sig))  # silu'(z) = σ(z)·(1 + z·(1 − σ(z)))
+        grad_gate = torch.ops.aten.silu_backward(grad_p.mul_(up), gate)  # one kernel for ·silu'(gate)
         need_x = ctx.needs_input_grad[0]
         grad_xg, grad_ag, grad_bg = _lora_backward(grad_gate, flat, hg, wg, ag, bg, sg, False, need_x)
         grad_xu, grad_au, grad_bu = _lora_backward(grad_up, flat, hu, wu, au, bu, su, False, need_x)
