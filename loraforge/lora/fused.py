@@ -6,7 +6,10 @@ The node keeps only x and the rank-r product h = x·Aᵀ (reused for dB), never 
 and lets W0 be stored narrower than the compute dtype (a bf16 base under fp32 compute): it is widened per
 use, so the model holds half the bytes without keeping widened copies alive until backward.
 
-It covers the training hot path: one active adapter, no dropout, a float frozen weight. Everything else
+A Llama-style MLP whose three projections carry the adapter runs as one such node too (`swiglu_with_lora`):
+it keeps the gate and up outputs and recomputes silu(gate) and their product in backward.
+
+Both cover the training hot path: one active adapter, no dropout, a float frozen weight. Everything else
 (dropout, DoRA, several adapters, 4-bit bases, mixed batches) takes the generic path in layers.py.
 """
 
