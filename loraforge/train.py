@@ -78,6 +78,10 @@ class FullFineTune(nn.Module):
         self.tokenizer.save_pretrained(directory)
 
 
+# precision / base_dtype names → torch dtype; fp32 is None: no autocast, weights left as loaded
+HALF_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
     """The device and the autocast dtype (None: plain fp32)."""
     name = config.device
@@ -92,7 +96,7 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | Non
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return device, HALF_DTYPES[precision]
 
 
 def compact_cpu_allocator() -> bool:
@@ -112,7 +116,7 @@ def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> 
     """The dtype to keep adapted layers' frozen weights in, None to leave them as loaded (fp32)."""
     if config.base_dtype == "auto":
         return amp_dtype  # autocast casts them to this in every matmul anyway: storing it loses nothing
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.base_dtype]
+    return HALF_DTYPES[config.base_dtype]
 
 
 class StopRequest:

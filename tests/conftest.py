@@ -178,3 +178,21 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def crash_loss_at_call(monkeypatch, call: int):
+    """Make the training loop's loss raise RuntimeError("power cut") at its `call`-th call (a crash mid-run);
+    returns the real loss function, to put back with monkeypatch.setattr before resuming."""
+    import loraforge.train as train_module
+
+    original = train_module.causal_lm_loss
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError("power cut")
+        return original(model, batch)
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", crashing)
+    return original

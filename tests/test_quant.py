@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE, make_inputs, make_model, perturb
+from conftest import DEVICE, crash_loss_at_call, make_inputs, make_model, perturb
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -273,16 +273,7 @@ def test_qlora_training_lowers_the_loss(qlora_run):
 
 def test_qlora_resume_is_step_exact(qlora_run, tiny_model_dir, small_data, tmp_path, monkeypatch):
     straight, _ = qlora_run
-    original = train_module.causal_lm_loss
-    calls = {"n": 0}
-
-    def crash_in_step_5(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("power cut")
-        return original(model, batch)
-
-    monkeypatch.setattr(train_module, "causal_lm_loss", crash_in_step_5)
+    original = crash_loss_at_call(monkeypatch, 5)  # the 5th step's loss
     with pytest.raises(RuntimeError, match="power cut"):
         train(_qlora_config(tiny_model_dir, small_data, tmp_path))
     assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step-0000004"

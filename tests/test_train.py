@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from conftest import crash_loss_at_call
 from safetensors.torch import load_file
 
 from loraforge.checkpoint import complete_checkpoints
@@ -87,16 +88,7 @@ def test_crash_mid_training_keeps_last_complete_checkpoint_and_resumes(tiny_mode
     straight = tmp_path / "straight"
     train(_config(tiny_model_dir, small_data, straight))
     crashed = tmp_path / "crashed"
-    original = train_module.causal_lm_loss
-    calls = {"n": 0}
-
-    def crash_in_step_5(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("power cut")
-        return original(model, batch)
-
-    monkeypatch.setattr(train_module, "causal_lm_loss", crash_in_step_5)
+    original = crash_loss_at_call(monkeypatch, 5)  # the 5th step's loss
     with pytest.raises(RuntimeError, match="power cut"):
         train(_config(tiny_model_dir, small_data, crashed, "save_every=2"))
     assert [p.name for p in complete_checkpoints(crashed / "checkpoints")] == ["step-0000002", "step-0000004"]
