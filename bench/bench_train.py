@@ -90,7 +90,7 @@ def run_loraforge(args) -> dict:
             "tensorboard=false", f"max_seq_len={MAX_SEQ_LEN}", "lora.r=16", "lora.alpha=32", f"device={args.device}",
             f"precision={args.precision}", "max_grad_norm=1.0",
             f"gradient_checkpointing={str(args.checkpointing).lower()}", f"packing={str(args.packing).lower()}",
-            f"base_dtype={args.base_dtype}"])
+            f"base_dtype={args.base_dtype}", f"compact_cpu_memory={str(args.compact_cpu_memory).lower()}"])
         start = time.perf_counter()
         result = train(config)
         wall = time.perf_counter() - start
@@ -137,9 +137,10 @@ def run_peft_trl(args) -> dict:
 
 def micro(args) -> dict:
     """Median seconds of: the bound (frozen forward + backward to activations), a LoRA step, a full step."""
-    from loraforge.config import LoraConfig
+    from loraforge.config import LoraConfig, load_train_config
     from loraforge.evaluate import causal_lm_loss
     from loraforge.lora import LoraModel
+    from loraforge.train import frozen_storage_dtype
 
     model, tokenizer = load_bench_model(args.model, args.device)
     data = bench_data(tokenizer)
@@ -147,8 +148,9 @@ def micro(args) -> dict:
 
     batch = collate(data.train.examples[: args.batch], tokenizer.pad_token_id)
     batch = {k: v.to(args.device) for k, v in batch.items()}
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.precision == "bf16" else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    device_type = torch.device(args.device).type
+    autocast = lambda: torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def timed(step, repeats=args.repeats) -> float:
         step()
@@ -175,8 +177,10 @@ def micro(args) -> dict:
 
     results = {"bound_s": timed(bound)}
     lora = LoraModel(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
-    if args.base_dtype in ("bf16", "fp16"):
-        lora.store_frozen_weights({"bf16": torch.bfloat16, "fp16": torch.float16}[args.base_dtype])
+    # The same storage training would choose (auto: the autocast dtype).
+    storage = frozen_storage_dtype(load_train_config(None, [f"base_dtype={args.base_dtype}"]), amp_dtype)
+    if storage is not None:
+        lora.store_frozen_weights(storage)
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
 
     def lora_step():
@@ -213,7 +217,8 @@ def spawn(args, role: str) -> dict:
     command = [sys.executable, __file__, "--worker", role, "--model", args.model, "--steps", str(args.steps),
                "--batch", str(args.batch), "--device", args.device, "--precision", args.precision,
                "--repeats", str(args.repeats), "--base-dtype", args.base_dtype] + \
-        (["--checkpointing"] if args.checkpointing else []) + (["--packing"] if args.packing else [])
+        [flag for flag, on in (("--checkpointing", args.checkpointing), ("--packing", args.packing),
+                               ("--compact-cpu-memory", args.compact_cpu_memory)) if on]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -236,6 +241,8 @@ def main() -> None:
                         help="loraforge packs conversations padding-free (TRL keeps its default, padded batches)")
     parser.add_argument("--base-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="loraforge's base_dtype: storage of the adapted layers' frozen weights")
+    parser.add_argument("--compact-cpu-memory", action="store_true",
+                        help="loraforge's compact_cpu_memory: the allocator returns freed memory (lower RSS, slower)")
     parser.add_argument("--json", help="write all raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,8 +270,9 @@ def main() -> None:
         tokens = args.steps * args.batch * mean_train_tokens(args.model)
         for row in ours + theirs:
             row["tokens_per_s"] = tokens / row["train_s"]
-        med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-        ours_options = ", ".join(f"{k}={v}" for k, v in (("packing", args.packing), ("base_dtype", args.base_dtype))
+        med = lambda rows, key: statistics.median(r[key] for r in rows)
+        ours_options = ", ".join(f"{k}={v}" for k, v in (("packing", args.packing), ("base_dtype", args.base_dtype),
+                                                         ("compact_cpu_memory", args.compact_cpu_memory))
                                  if v not in (False, "auto"))
         print(f"| {args.steps} steps × batch {args.batch}, {args.device}/{args.precision}, checkpointing "
               f"{'on' if args.checkpointing else 'off'}, median of {args.runs}"

@@ -179,7 +179,7 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
 
 def render_compare(data: dict) -> str:
     """compare.html: the summary table and the validation curves against steps and against FLOPs."""
-    from loraforge.report import _e, _figure, _png, _table
+    from loraforge.report import escape, html_table, new_figure, png_img
 
     runs = data["runs"]
     full = next((r for r in runs if r["arm"] == "full" and r["final_val_loss"]), None)
@@ -187,15 +187,15 @@ def render_compare(data: dict) -> str:
     for run in runs:
         gap = (f"{100 * (run['final_val_loss'] / full['final_val_loss'] - 1):+.1f}%"
                if full and run is not full and run["final_val_loss"] else "")
-        rows.append([_e(run["arm"]), f"{run['lr']:.2g}", f"{run['trainable']:,}", _loss(run["final_val_loss"]), gap,
+        rows.append([escape(run["arm"]), f"{run['lr']:.2g}", f"{run['trainable']:,}", _loss(run["final_val_loss"]), gap,
                      _loss(run["best_val_loss"]), f"{run['peak_mb']:,.0f}", f"{run['seconds']:.0f}",
                      f"{run['file_mb']:,.1f}", f"{run['flops_per_token'] / 1e9:.3g}",
                      f"{run['general_before']:.3f} → {run['general_after']:.3f}"])
-    table = _table(["arm", "lr", "trainable", "final val loss", "vs full", "best val loss", "peak memory (MB)",
+    table = html_table(["arm", "lr", "trainable", "final val loss", "vs full", "best val loss", "peak memory (MB)",
                     "wall time (s)", "written (MB)", "GFLOPs / token", "general-text loss before → after"], rows)
     images = ""
     for x, label in ((0, "step"), (2, "training FLOPs")):
-        fig, ax = _figure(5.6, 3.6)
+        fig, ax = new_figure(5.6, 3.6)
         for run in runs:
             if run["val_curve"]:
                 points = [(point[x], point[1]) for point in run["val_curve"]]
@@ -205,23 +205,24 @@ def render_compare(data: dict) -> str:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-        images += _png(fig)
-    intro = (f"<p class=\"summary\">model <b>{_e(data['model'])}</b> · data {_e(data['data'])} · "
-             f"{_e(data['max_steps'])} steps × {data['batch_size'] * data['grad_accum']} conversations, the same for "
-             f"every arm · LoRA r={data['lora']['r']}, α={data['lora']['alpha']}, targets {_e(data['lora']['targets'])}"
+        images += png_img(fig)
+    intro = (f"<p class=\"summary\">model <b>{escape(data['model'])}</b> · data {escape(data['data'])} · "
+             f"{escape(data['max_steps'])} steps × {data['batch_size'] * data['grad_accum']} conversations, the same "
+             f"for every arm · LoRA r={data['lora']['r']}, α={data['lora']['alpha']}, "
+             f"targets {escape(data['lora']['targets'])}"
              "</p><p>A LoRA step costs ≈ 2/3 of a full fine-tuning step (no weight gradient for the frozen base). "
              "Forgetting: loss on general conversations that the data never shows (lower is better; a rise is "
              "forgetting). Peak memory is measured above what the process held before the arm started.</p>")
-    notes = "".join(f"<p>{_e(arm)} arm skipped: <span class=\"mono\">{_e(why)}</span></p>"
+    notes = "".join(f"<p>{escape(arm)} arm skipped: <span class=\"mono\">{escape(why)}</span></p>"
                     for arm, why in data.get("skipped", {}).items())
     return _page("LoRA vs full fine-tuning", intro + table + notes + images)
 
 
 def _page(title: str, body: str) -> str:
-    from loraforge.report import STYLE, _e
+    from loraforge.report import STYLE, escape
 
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>loraforge: {_e(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>{body}</body></html>\n")
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>loraforge: {escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{body}</body></html>\n")
 
 
 def _loss(value) -> str:
@@ -229,11 +230,11 @@ def _loss(value) -> str:
 
 
 def _write(output: Path, name: str, data: dict, page: str) -> None:
-    from loraforge.report import _atomic_write, _finite
+    from loraforge.report import json_safe, write_text_atomically
 
     output.mkdir(parents=True, exist_ok=True)
-    _atomic_write(output / f"{name}.json", json.dumps(_finite(data), indent=1, allow_nan=False))
-    _atomic_write(output / f"{name}.html", page)
+    write_text_atomically(output / f"{name}.json", json.dumps(json_safe(data), indent=1, allow_nan=False))
+    write_text_atomically(output / f"{name}.html", page)
 
 
 # -- sweep ------------------------------------------------------------------------------------------
@@ -295,13 +296,13 @@ def best_learning_rates(runs: list[dict]) -> dict[str, dict]:
 
 def render_sweep(data: dict) -> str:
     """sweep.html: final validation loss vs learning rate, one line per rank (a panel per target set)."""
-    from loraforge.report import _e, _figure, _png, _table
+    from loraforge.report import escape, html_table, new_figure, png_img
 
     runs, best = data["runs"], data["best"]
     full_runs = [r for r in runs if r["kind"] == "full"]
     images = ""
     for targets in dict.fromkeys(r["targets"] for r in runs if r["kind"] == "lora"):
-        fig, ax = _figure(7, 4)
+        fig, ax = new_figure(7, 4)
         lines: dict[str, list] = {}
         for run in [r for r in runs if r["targets"] == targets] + full_runs:
             if run["final_val_loss"] is not None:
@@ -313,22 +314,22 @@ def render_sweep(data: dict) -> str:
                title=f"final validation loss vs learning rate — LoRA on {targets}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        images += _png(fig)
-    rows = [[_e(r["name"]), _e(_line(r)), f"{r['lr']:.2g}", _loss(r["final_val_loss"]),
+        images += png_img(fig)
+    rows = [[escape(r["name"]), escape(_line(r)), f"{r['lr']:.2g}", _loss(r["final_val_loss"]),
              f"{r['seconds']:.0f}" if r["seconds"] else "diverged"] for r in runs]
-    best_rows = [[_e(line), f"{b['lr']:.2g}", _loss(b["loss"])] for line, b in best.items()]
+    best_rows = [[escape(line), f"{b['lr']:.2g}", _loss(b["loss"])] for line, b in best.items()]
     ratio = ""
     if "full fine-tuning" in best and len(best) > 1:
         lora_lrs = [b["lr"] for line, b in best.items() if line != "full fine-tuning"]
         ratios = sorted(lr / best["full fine-tuning"]["lr"] for lr in lora_lrs)
         ratio = (f"<p>Best LoRA learning rate ÷ best full fine-tuning learning rate: "
                  f"{', '.join(f'{x:.3g}×' for x in ratios)} (the research says ≈ 10×).</p>")
-    intro = (f"<p class=\"summary\">model <b>{_e(data['model'])}</b> · data {_e(data['data'])} · "
-             f"{_e(data['steps'])} steps × {data['batch_size']} conversations · LoRA α={data['alpha']} for every "
+    intro = (f"<p class=\"summary\">model <b>{escape(data['model'])}</b> · data {escape(data['data'])} · "
+             f"{escape(data['steps'])} steps × {data['batch_size']} conversations · LoRA α={data['alpha']} for every "
              "rank (scale α/r)</p>")
     return _page("Learning rate × rank sweep", intro + images + "<h2>Best learning rate per line</h2>"
-                 + _table(["line", "best lr", "final val loss"], best_rows) + ratio + "<h2>All runs</h2>"
-                 + _table(["run", "line", "lr", "final val loss", "seconds"], rows))
+                 + html_table(["line", "best lr", "final val loss"], best_rows) + ratio + "<h2>All runs</h2>"
+                 + html_table(["run", "line", "lr", "final val loss", "seconds"], rows))
 
 
 # -- commands ---------------------------------------------------------------------------------------

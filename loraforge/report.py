@@ -59,23 +59,25 @@ def write_report(run_dir: Path, data: dict | None = None) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     data = collect_run(run_dir) if data is None else data
     html_path, json_path = run_dir / "report.html", run_dir / "report.json"
-    _atomic_write(html_path, render_html(data))
-    _atomic_write(json_path, json.dumps(_finite(data), indent=1, ensure_ascii=False, default=str, allow_nan=False))
+    write_text_atomically(html_path, render_html(data))
+    text = json.dumps(json_safe(data), indent=1, ensure_ascii=False, default=str, allow_nan=False)
+    write_text_atomically(json_path, text)
     return html_path, json_path
 
 
-def _finite(value):
+def json_safe(value):
     """NaN / inf (e.g. the grad norm of an unclipped run) become null: strict JSON for every reader."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -84,12 +86,14 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 # -- pieces ---------------------------------------------------------------------------------------
-def _e(value) -> str:
+def escape(value) -> str:
+    """Any value as text safe inside HTML."""
     return html.escape(str(value), quote=True)
 
 
-def _table(header: list[str], rows: list[list], numeric_from: int = 1, best: dict[int, int] | None = None) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def html_table(header: list[str], rows: list[list], numeric_from: int = 1, best: dict[int, int] | None = None) -> str:
+    """A table of already-escaped cells; columns from `numeric_from` align as numbers, best[column] = row is marked."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = []
     for r, row in enumerate(rows):
         cells = []
@@ -102,7 +106,8 @@ def _table(header: list[str], rows: list[list], numeric_from: int = 1, best: dic
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _png(fig) -> str:
+def png_img(fig) -> str:
+    """A matplotlib figure as a self-contained <img> (the report is one file); closes the figure."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -112,7 +117,8 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """(figure, axes) drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -139,9 +145,9 @@ def _format_metric(name: str, value) -> str:
 # -- sections -------------------------------------------------------------------------------------
 def _summary(data: dict) -> str:
     summary, config = data.get("summary") or {}, data.get("config") or {}
-    parts = [f"model <b>{_e(config.get('model', '?'))}</b>"]
+    parts = [f"model <b>{escape(config.get('model', '?'))}</b>"]
     if summary:
-        parts.append(f"{summary.get('steps')} steps ({_e(summary.get('stopped'))})")
+        parts.append(f"{summary.get('steps')} steps ({escape(summary.get('stopped'))})")
         if summary.get("best_val_loss") is not None:
             parts.append(f"best validation loss {summary['best_val_loss']:.4f}")
         if summary.get("seconds") is not None:
@@ -155,9 +161,9 @@ def _config_section(config: dict | None) -> str:
     shown = {key: _get(config, key) for key in KEY_SETTINGS}
     if shown["data.path"] is None:
         shown["data.path"] = "(the bundled demo data)"
-    rows = [[_e(key), f'<span class="mono">{_e(value)}</span>'] for key, value in shown.items()]
-    full = _e(yaml.safe_dump(config, sort_keys=False))
-    return (f"<h2>Configuration</h2>{_table(['setting', 'value'], rows, numeric_from=99)}"
+    rows = [[escape(key), f'<span class="mono">{escape(value)}</span>'] for key, value in shown.items()]
+    full = escape(yaml.safe_dump(config, sort_keys=False))
+    return (f"<h2>Configuration</h2>{html_table(['setting', 'value'], rows, numeric_from=99)}"
             f"<details><summary>full configuration</summary><pre>{full}</pre></details>")
 
 
@@ -165,15 +171,16 @@ def _data_section(report: dict | None) -> str:
     if not report:
         return ""
     counts = [["rows read", report.get("rows_read")], ["kept", report.get("kept")],
-              ["invalid (skipped)", report.get("rows_invalid")], ["duplicates dropped", report.get("duplicates_dropped")],
+              ["invalid (skipped)", report.get("rows_invalid")],
+              ["duplicates dropped", report.get("duplicates_dropped")],
               ["empty turns dropped", report.get("empty_turns_dropped")],
               ["rows with control characters", report.get("rows_with_control_chars")],
               ["truncated", report.get("truncated")], ["dropped: no answer left", report.get("dropped_no_target")]]
-    splits = [[_e(name), report.get("split_sizes", {}).get(name, 0), report.get("tokens", {}).get(name, 0),
+    splits = [[escape(name), report.get("split_sizes", {}).get(name, 0), report.get("tokens", {}).get(name, 0),
                report.get("target_tokens", {}).get(name, 0)] for name in ("train", "validation", "test")]
-    reasons = "".join(f"<li class='mono'>{_e(r)}</li>" for r in report.get("invalid_reasons") or [])
-    return ("<h2>Data</h2>" + _table(["", "rows"], [[_e(a), _e(b)] for a, b in counts])
-            + _table(["split", "conversations", "tokens", "tokens with loss"], splits)
+    reasons = "".join(f"<li class='mono'>{escape(r)}</li>" for r in report.get("invalid_reasons") or [])
+    return ("<h2>Data</h2>" + html_table(["", "rows"], [[escape(a), escape(b)] for a, b in counts])
+            + html_table(["split", "conversations", "tokens", "tokens with loss"], splits)
             + (f"<p>first invalid rows:</p><ul>{reasons}</ul>" if reasons else ""))
 
 
@@ -183,7 +190,7 @@ def learning_curve_figure(rows: list[dict]):
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
         return None
-    fig, ax = _figure(8, 3.6)
+    fig, ax = new_figure(8, 3.6)
     if train:
         ax.plot(*zip(*train), label="train loss", alpha=0.8)
     if val:
@@ -198,14 +205,14 @@ def _curves_section(rows: list[dict]) -> str:
     fig = learning_curve_figure(rows)
     if fig is None:
         return ""
-    images = _png(fig)
+    images = png_img(fig)
     lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     if lrs:
-        fig, ax = _figure(8, 2.2)
+        fig, ax = new_figure(8, 2.2)
         ax.plot(*zip(*lrs), color="tab:green")
         ax.set(xlabel="step", ylabel="learning rate")
         ax.grid(alpha=0.3)
-        images += _png(fig)
+        images += png_img(fig)
     return f"<h2>Learning curves</h2>{images}"
 
 
@@ -223,20 +230,20 @@ def _metrics_section(evaluation: dict | None) -> str:
             pick = min if metric in ("loss", "perplexity") else max
             best[column] = pick(values)[1]
     for model, row in models.items():
-        rows.append([_e(model)] + [_format_metric(m, row.get(m)) for m in names])
-    title = f"<h2>Before / after ({_e(evaluation.get('split', 'held-out'))}, n={_e(evaluation.get('n'))})</h2>"
+        rows.append([escape(model)] + [_format_metric(m, row.get(m)) for m in names])
+    title = f"<h2>Before / after ({escape(evaluation.get('split', 'held-out'))}, n={escape(evaluation.get('n'))})</h2>"
     chart = ""
     rates = [m for m in names if m in RATE_METRICS]
     if rates:
-        fig, ax = _figure(8, 3.2)
+        fig, ax = new_figure(8, 3.2)
         width = 0.8 / len(models)
         for i, (model, row) in enumerate(models.items()):
             ax.bar([x + i * width for x in range(len(rates))], [row.get(m, 0) or 0 for m in rates], width, label=model)
         ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(rates))], rates)
         ax.set(ylim=(0, 1.25), ylabel="score")  # headroom so the legend never covers a bar
         ax.legend(loc="upper left", ncols=len(models))
-        chart = _png(fig)
-    return title + _table(["model", *names], rows, best=best) + chart
+        chart = png_img(fig)
+    return title + html_table(["model", *names], rows, best=best) + chart
 
 
 def _samples_section(evaluation: dict | None, limit: int = 10) -> str:
@@ -248,14 +255,14 @@ def _samples_section(evaluation: dict | None, limit: int = 10) -> str:
     models = list(samples[0].get("answers", {}))
     rows = []
     for sample in samples[:limit]:
-        cells = [f'<span class="mono">{_e(sample.get("prompt", ""))}</span>',
-                 f'<span class="mono">{_e(sample.get("reference", ""))}</span>']
+        cells = [f'<span class="mono">{escape(sample.get("prompt", ""))}</span>',
+                 f'<span class="mono">{escape(sample.get("reference", ""))}</span>']
         for model in models:
             answer = sample["answers"].get(model, "")
             mark = ' <span class="ok">✓</span>' if answers_match(answer, sample.get("reference", "")) else ""
-            cells.append(f'<span class="mono">{_e(answer)}</span>{mark}')
+            cells.append(f'<span class="mono">{escape(answer)}</span>{mark}')
         rows.append(cells)
-    return "<h2>Answers side by side</h2>" + _table(["prompt", "reference", *models], rows, numeric_from=99)
+    return "<h2>Answers side by side</h2>" + html_table(["prompt", "reference", *models], rows, numeric_from=99)
 
 
 def _consistency_section(evaluation: dict | None) -> str:
@@ -263,10 +270,10 @@ def _consistency_section(evaluation: dict | None) -> str:
     if not consistency:
         return ""
     any_row = next(iter(consistency.values()))
-    rows = [[_e(m), f"{100 * r['agreement']:.1f}%", f"{r['distinct']:.2f}"] for m, r in consistency.items()]
+    rows = [[escape(m), f"{100 * r['agreement']:.1f}%", f"{r['distinct']:.2f}"] for m, r in consistency.items()]
     return (f"<h2>Consistency</h2><p>{any_row.get('prompts')} prompts, each asked {any_row.get('samples_per_prompt')} "
             f"times at temperature {any_row.get('temperature')}.</p>"
-            + _table(["model", "agreement with the most common answer", "distinct answers"], rows))
+            + html_table(["model", "agreement with the most common answer", "distinct answers"], rows))
 
 
 def _resources_section(evaluation: dict | None) -> str:
@@ -277,10 +284,10 @@ def _resources_section(evaluation: dict | None) -> str:
             ["of the base's", f"{res.get('trainable_percent', 0):.2f}%"],
             ["adapter on disk", f"{res['adapter_mb']:.1f} MB" if res.get("adapter_mb") else "–"],
             ["base model on disk", f"{res['base_mb']:.1f} MB" if res.get("base_mb") else "–"]]
-    latency = [[_e(name), f"{row['ms_per_token']:.2f}", f"{row['peak_mb']:.0f}"]
+    latency = [[escape(name), f"{row['ms_per_token']:.2f}", f"{row['peak_mb']:.0f}"]
                for name, row in (res.get("latency") or {}).items()]
-    return ("<h2>Resources</h2>" + _table(["", ""], size)
-            + (_table(["model", "ms / generated token", "peak memory (MB)"], latency) if latency else ""))
+    return ("<h2>Resources</h2>" + html_table(["", ""], size)
+            + (html_table(["model", "ms / generated token", "peak memory (MB)"], latency) if latency else ""))
 
 
 def render_html(data: dict) -> str:
@@ -292,4 +299,4 @@ def render_html(data: dict) -> str:
         _config_section(data.get("config")),
     ])
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>loraforge report: '
-            f'{_e(data.get("run", ""))}</title><style>{STYLE}</style></head><body>{body}</body></html>\n')
+            f'{escape(data.get("run", ""))}</title><style>{STYLE}</style></head><body>{body}</body></html>\n')

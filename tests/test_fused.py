@@ -64,6 +64,19 @@ def test_fused_node_widens_a_bf16_stored_base_exactly_like_a_float_copy():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_narrow_weights_are_widened_into_one_reused_buffer_per_shape():
+    from loraforge.lora.fused import _widened
+
+    first, second = torch.randn(40, 24).bfloat16(), torch.randn(40, 24).bfloat16()
+    widened_first = _widened(first, torch.float32)
+    torch.testing.assert_close(widened_first, first.float(), atol=0, rtol=0)
+    widened_second = _widened(second, torch.float32)
+    assert widened_second is widened_first  # no fresh (out × in) tensor per layer and pass
+    torch.testing.assert_close(widened_second, second.float(), atol=0, rtol=0)
+    assert _widened(torch.randn(8, 24).bfloat16(), torch.float32).shape == (8, 24)
+    assert _widened(widened_first, torch.float32) is widened_first  # already the compute dtype: no copy
+
+
 def test_fused_node_under_autocast_computes_in_the_autocast_dtype():
     layer = _layer("linear", True)
     x = torch.randn(2, 6, 24)

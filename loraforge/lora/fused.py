@@ -15,8 +15,12 @@ Both cover the training hot path: one active adapter, no dropout, a float frozen
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+
+_scratch = threading.local()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -25,11 +29,26 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 in the compute dtype. A narrower-stored W0 is copied into one scratch buffer per shape and thread,
+    not a fresh tensor per use: a fresh one per layer and pass is the frozen model's whole size allocated and
+    freed twice a step, which fragments the heap and, with the allocator returning memory, faults every page.
+    Safe because the nodes use the widened weight at once and never save it."""
+    if weight.dtype == dtype:
+        return weight
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (weight.shape, dtype, weight.device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return buffer.copy_(weight)
+
+
 def _lora_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                   b: torch.Tensor, scale: float, fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(x·W0ᵀ + bias + s·h·Bᵀ, h = x·Aᵀ) for a 2-D x, everything in x's dtype."""
     dtype = flat.dtype
-    w = weight.to(dtype)
+    w = _widened(weight, dtype)
     w = w.T if fan_in_fan_out else w  # (out, in)
     hidden = flat @ a.to(dtype).T  # (tokens, r)
     out = flat @ w.T if bias is None else torch.addmm(bias.to(dtype), flat, w.T)
@@ -46,7 +65,7 @@ def _lora_backward(g: torch.Tensor, flat: torch.Tensor, hidden: torch.Tensor, we
     grad_a = (grad_hidden.T @ flat).to(a.dtype)
     grad_x = None
     if need_x:
-        w = weight.to(dtype)
+        w = _widened(weight, dtype)
         w = w.T if fan_in_fan_out else w  # (out, in)
         grad_x = (g @ w).addmm_(grad_hidden, a.to(dtype))
     return grad_x, grad_a, grad_b
@@ -106,7 +125,7 @@ class _SwiGluLora(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         grad_xg, grad_ag, grad_bg = _lora_backward(grad_gate, flat, hg, wg, ag, bg, sg, False, need_x)
         grad_xu, grad_au, grad_bu = _lora_backward(grad_up, flat, hu, wu, au, bu, su, False, need_x)
-        grad_x = (grad_xg + grad_xu).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
+        grad_x = grad_xg.add_(grad_xu).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
         return (grad_x, None, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd)
 
 
