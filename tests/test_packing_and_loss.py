@@ -103,3 +103,20 @@ def test_training_with_packing_follows_the_padded_run(tiny_model_dir, tmp_path):
             f"packing={packing}"])
         losses[packing] = train(config).losses
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), atol=1e-4, rtol=1e-4)
+
+
+def test_validation_batches_rows_of_similar_length_and_keeps_the_loss(monkeypatch):
+    model = make_model("llama").eval()
+    examples = _examples([5, 30, 6, 31])
+    one_by_one = evaluate_module.evaluate_loss(model, examples, 0, 1, torch.device("cpu"))
+    widths = []
+
+    def recording_collate(rows, pad_token_id):
+        widths.append(max(len(row.input_ids) for row in rows))
+        return collate(rows, pad_token_id)
+
+    monkeypatch.setattr(evaluate_module, "collate", recording_collate)
+    batched = evaluate_module.evaluate_loss(model, examples, 0, 2, torch.device("cpu"))
+    assert sorted(widths) == [6, 31]  # the short rows share a batch, not each with a long one
+    assert batched["tokens"] == one_by_one["tokens"]
+    assert batched["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)
