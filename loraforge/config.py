@@ -183,7 +183,8 @@ class TrainConfig(Section):
     )
     compact_cpu_memory: bool = Field(
         False, description="On Linux CPUs, have glibc return every freed block above 128 KiB to the system at once, "
-        "for the rest of the process: peak RSS −30% on the demo job, but steps are slower (fresh pages every step)."
+        "for the rest of the process: peak RSS −30% on the demo job, but steps are slower (fresh pages every step). "
+        "With base_dtype=bf16 the demo job peaks at under half of PEFT+TRL's memory (BENCHMARKS.md)."
     )
     quant: Literal["none", "nf4", "int8"] = Field(
         "none", description="QLoRA: keep the frozen base's linear weights in 4-bit NF4 (double-quantized, "
