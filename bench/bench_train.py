@@ -137,7 +137,7 @@ def run_peft_trl(args) -> dict:
 
 def micro(args) -> dict:
     """Median seconds of: the bound (frozen forward + backward to activations), a LoRA step, a full step."""
-    from loraforge.config import LoraConfig, load_train_config
+    from loraforge.config import LoraConfig, TrainConfig
     from loraforge.evaluate import causal_lm_loss
     from loraforge.lora import LoraModel
     from loraforge.train import frozen_storage_dtype
@@ -178,7 +178,7 @@ def micro(args) -> dict:
     results = {"bound_s": timed(bound)}
     lora = LoraModel(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
     # The same storage training would choose (auto: the autocast dtype).
-    storage = frozen_storage_dtype(load_train_config(None, [f"base_dtype={args.base_dtype}"]), amp_dtype)
+    storage = frozen_storage_dtype(TrainConfig(base_dtype=args.base_dtype), amp_dtype)
     if storage is not None:
         lora.store_frozen_weights(storage)
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
@@ -191,7 +191,7 @@ def micro(args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     results["lora_step_s"] = timed(lora_step)
-    plain = lora.unload()
+    plain = lora.unload().float()  # the full step trains the weights as loaded, whatever storage the LoRA step used
     for p in plain.parameters():
         p.requires_grad_(True)
     full_opt = torch.optim.AdamW(plain.parameters(), lr=1e-5)
