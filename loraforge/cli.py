@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
+from loraforge.console import make_console, quiet_libraries
 from loraforge.errors import LoraforgeError
 
 TRAIN_HELP = """Fine-tune a LoRA adapter. With no arguments: SmolLM2-135M-Instruct on the bundled demo data
@@ -19,11 +21,9 @@ Keys: see --print-config (every key with its current value)."""
 
 
 def _train(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from loraforge.config import config_to_yaml, load_train_config
 
-    console = Console()
+    console = make_console()
     config_file = args.config
     using_demo = config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides)
     if using_demo:
@@ -205,13 +205,11 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from loraforge.config import TrainConfig, load_train_config
     from loraforge.evaluate import consistency, evaluate_models, resources
     from loraforge.models import resolve_model_path
 
-    console = Console()
+    console = make_console()
     run = Path(args.run_dir) if args.run_dir else None
     config = load_train_config(run / "config.yaml") if run and (run / "config.yaml").exists() else TrainConfig()
     adapters = args.adapter or ([f"tuned={run / 'best'}"] if run and (run / "best").exists() else
@@ -334,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)  # `loraforge train key=value` without a YAML file
         args.config = None
+    if not args.debug:
+        quiet_libraries()
     try:
         args.run(args)
     except LoraforgeError as exc:
@@ -344,7 +344,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or a library failing: one line that says what and where, not a traceback
+        if args.debug:
+            raise
+        print(f"error: {unexpected_error(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def unexpected_error(exc: BaseException) -> str:
+    """One line for an error no check of loraforge's caught: what it is, the innermost loraforge line it passed
+    through, and how to get the whole story."""
+    package = Path(__file__).resolve().parent
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(package)]
+    where = ours[-1] if ours else (frames[-1] if frames else None)
+    located = ""
+    if where is not None:
+        path = Path(where.filename).resolve()
+        name = f"loraforge/{path.relative_to(package).as_posix()}" if path.is_relative_to(package) else str(path)
+        located = f" (in {name}:{where.lineno}, {where.name})"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+    return (f"unexpected {type(exc).__name__}: {message}{located}. This is a bug or a library failing; "
+            "run the same command with `loraforge --debug …` for the traceback")
 
 
 if __name__ == "__main__":

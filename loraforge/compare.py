@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from loraforge.config import TrainConfig, load_train_config, parse_section
+from loraforge.console import make_console
 from loraforge.errors import LoraforgeError, TrainingError
 
 # Target sets of `sweep --targets`, as regexes on module names (unsupported matches such as containers are skipped).
@@ -117,7 +118,7 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
     from loraforge.models import load_model
     from loraforge.train import resolve_device, train
 
-    console = console or Console()
+    console = console or make_console()
     model_config = load_model_config(base.model)
     lora = base.lora
     lrs = {"full": full_lr or suggested_lr(model_config.model_type, model_config.hidden_size, "full"),
@@ -238,14 +239,37 @@ def _write(output: Path, name: str, data: dict, page: str) -> None:
 
 
 # -- sweep ------------------------------------------------------------------------------------------
-def sweep(base: TrainConfig, output: Path, ranks: Sequence[int], lrs: Sequence[float],
+# The default grid: ranks a decade and more apart, the advisor's learning rate and a half-decade either side of it.
+DEFAULT_SWEEP_RANKS = (4, 16, 64)
+DEFAULT_SWEEP_LR_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def default_sweep_lrs(base: TrainConfig) -> list[float]:
+    """The advisor's LoRA learning rate for `base` (model, steps, α), with one grid point a factor 3 either side.
+    With α/r scaling the advised rate does not depend on the rank, so one list serves every rank of the sweep."""
+    from loraforge.advise import suggested_lr
+    from loraforge.estimate import load_model_config
+
+    model_config = load_model_config(base.model)
+    lora = base.lora
+    advised = suggested_lr(model_config.model_type, model_config.hidden_size, "lora", base.max_steps, lora.r,
+                           lora.alpha, lora.use_rslora)
+    return [float(f"{advised * factor:.2g}") for factor in DEFAULT_SWEEP_LR_FACTORS]
+
+
+def sweep(base: TrainConfig, output: Path, ranks: Sequence[int] | None = None, lrs: Sequence[float] | None = None,
           target_sets: Sequence[str] = ("all-linear",), full_lrs: Sequence[float] = (), keep_models: bool = False,
           console: Console | None = None) -> dict:
     """Train every (target set, rank, lr) LoRA and every full fine-tuning lr; write sweep.json + sweep.html with
-    the final validation loss per run. α stays as configured, so the scale α/r shrinks as the rank grows."""
+    the final validation loss per run. α stays as configured, so the scale α/r shrinks as the rank grows.
+    Without ranks: DEFAULT_SWEEP_RANKS; without lrs: the advisor's lr and a factor 3 either side."""
     from loraforge.train import train
 
-    console = console or Console()
+    console = console or make_console()
+    ranks = list(ranks or DEFAULT_SWEEP_RANKS)
+    lrs = list(lrs or default_sweep_lrs(base))
+    console.print(f"sweep: ranks {', '.join(map(str, ranks))} × learning rates {', '.join(f'{lr:g}' for lr in lrs)}"
+                  f" × targets {', '.join(target_sets)}")
     grid = [("lora", targets, r, lr) for targets in target_sets for r in ranks for lr in lrs]
     grid += [("full", None, None, lr) for lr in full_lrs]
     runs = []
@@ -366,8 +390,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             parser.add_argument("--lora-lr", type=float, help="LoRA's and QLoRA's lr (default: the advisor's)")
             parser.add_argument("--general", help="JSONL conversations for the forgetting check (default: built in)")
         else:
-            parser.add_argument("--ranks", type=_numbers(int), required=True, help="comma list, e.g. 4,16,64")
-            parser.add_argument("--lrs", type=_numbers(float), required=True, help="LoRA lrs, e.g. 3e-4,1e-3,3e-3")
+            parser.add_argument("--ranks", type=_numbers(int), help="comma list (default: "
+                                f"{','.join(map(str, DEFAULT_SWEEP_RANKS))})")
+            parser.add_argument("--lrs", type=_numbers(float), help="LoRA lrs, comma list (default: the advisor's "
+                                                                    "lr for the job, and ×1/3 and ×3 of it)")
             parser.add_argument("--targets", type=lambda t: t.split(","), default=["all-linear"],
                                 help="comma list of all-linear, attention, mlp (or a regex on module names)")
             parser.add_argument("--full-lrs", type=_numbers(float), default=[],

@@ -27,3 +27,7 @@ class DataError(LoraforgeError):
 
 class TrainingError(LoraforgeError):
     """Training cannot go on (e.g. the loss kept being NaN); the last complete checkpoint is intact."""
+
+
+class QuantizationError(LoraforgeError):
+    """A quantized layer's round trip is off its format's bound (a library kernel wrong on this machine)."""

@@ -37,6 +37,7 @@ from torch import nn
 
 from loraforge.advise import AdapterLayout, adapter_layout
 from loraforge.config import LoraConfig, TrainConfig, load_train_config
+from loraforge.console import make_console
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.evaluate import LOGITS_CHUNK_ELEMENTS
 from loraforge.lora.model import SWIGLU_MLPS
@@ -466,8 +467,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from loraforge.advise import print_advice, training_advice
 
     config = load_train_config(args.config_file, [f"model={args.model}", *args.overrides])
@@ -488,7 +487,7 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps({"estimate": est.to_dict(), "data": data, "advice": [asdict(a) for a in advice],
                           "calibration": calibration}, indent=1))
         return
-    console = Console()
+    console = make_console()
     _print_estimate(est, console, rates, tokens)
     if data:
         console.print(f"data: {data['examples']} training conversations, {data['tokens']:,} tokens "

@@ -17,15 +17,17 @@ quantization step, Q(W + ΔW) rounds back to Q(W) and the adapter's effect is go
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from loraforge.errors import AdapterError, ConfigError
+from loraforge.errors import AdapterError, ConfigError, QuantizationError
 from loraforge.lora.layers import LoraLayer, ModulesToSave
 from loraforge.lora.targeting import unwrap
 from loraforge.models import release_checkpoint_mapping
@@ -43,7 +45,55 @@ LOST_FRACTION = 0.5
 def _bnb():
     import bitsandbytes  # on first use only: importing it takes seconds and probes the hardware
 
+    _route_misaligned_4bit_rows_to_the_reference_kernel(bitsandbytes)
     return bitsandbytes
+
+
+# bitsandbytes quantizes a 4-bit weight in blocks of the FLAT tensor, but its AVX-512 CPU kernel for
+# dequantize_4bit (csrc/cpu_ops.cpp, dequantizeBlockwise4bitCpu, through 0.50.2) reads each row's block scales at
+# absmax[row * (width // blocksize) + col // blocksize], as if every row started a block. Rows whose width is a
+# multiple of 16 but not of the block size (96, 160, 2880, …) then take other blocks' scales: a relative error of
+# 0.27 instead of NF4's 0.09, on AVX-512 CPUs only (the kernel is registered when torch reports AVX512). Such
+# shapes go to bitsandbytes' own reference kernel (the one every other CPU runs); aligned rows keep the fast one.
+_native_4bit_dequantize = None
+
+
+def _route_misaligned_4bit_rows_to_the_reference_kernel(bnb, force: bool = False) -> bool:
+    """Install the routing once; `force` installs it on any CPU (tests). True when it is installed."""
+    global _native_4bit_dequantize
+    if _native_4bit_dequantize is not None:
+        return True
+    if not force and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    from bitsandbytes.backends.cpu.ops import get_ptr, lib  # the native CPU library bitsandbytes loaded
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    def native(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape, dtype) -> torch.Tensor:
+        rows, width = math.prod(shape[:-1]), shape[-1]
+        out = torch.empty(tuple(shape), dtype=dtype, device=A.device)
+        scales = absmax.float().contiguous()  # bound to a name: the kernel reads it through a raw pointer
+        suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{suffix}")(
+            get_ptr(A), get_ptr(scales), get_ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(rows),
+            ctypes.c_longlong(width))
+        return out
+
+    def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape,
+                        dtype: torch.dtype) -> torch.Tensor:
+        A = A.view(torch.uint8) if A.dtype != torch.uint8 else A
+        shape = tuple(shape) if len(shape) > 1 else (1, shape[0])
+        if shape[-1] % blocksize == 0 and blocksize < 2048:  # rows hold whole blocks: the kernel indexes right
+            return native(A.contiguous(), absmax, blocksize, quant_type, shape, dtype)
+        code = _get_4bit_code(quant_type, A.device)
+        return _dequantize_4bit_compute(A.reshape(-1), absmax, code, blocksize, shape, dtype)
+
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+    _native_4bit_dequantize = native
+    logger.info("bitsandbytes: 4-bit rows that do not hold whole blocks are dequantized by the reference kernel")
+    return True
 
 
 def compute_dtype_for(device: str | torch.device) -> torch.dtype:
@@ -92,7 +142,10 @@ def quantize_model(model: nn.Module, quant: str, device: str | torch.device = "c
         raise ConfigError(f"quant={quant}: the model has no nn.Linear layer besides the output head to quantize "
                           "(GPT-2 style Conv1D layers are not supported)")
     for name in names:
-        model.set_submodule(name, _quantized_linear(model.get_submodule(name), quant, compute_dtype, device))
+        linear = model.get_submodule(name)
+        layer = _quantized_linear(linear, quant, compute_dtype, device)
+        check_round_trip(name, linear.weight.detach().to(device), layer)
+        model.set_submodule(name, layer)
     if device.type == "cpu":
         release_checkpoint_mapping(model)
     sizes = frozen_weight_bytes(model)
@@ -127,6 +180,53 @@ def round_trip(weight: torch.Tensor, quant: str) -> torch.Tensor:
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
     layer = _quantized_linear(linear, quant, torch.float32, weight.device)
     return dequantized_weight(layer, layer.weight).float()
+
+
+# -- the self-check -------------------------------------------------------------------------------
+# NF4's 16 codes are normalized to [-1, 1]; the widest gap between neighbours (-1 to -0.6962) bounds the rounding
+# of x / absmax at half of it. Elements are rounded against the block's exact absmax, but dequantized with the
+# stored one (8-bit in double quantization), so each element's bound is 0.1520·absmax + |stored − exact absmax|.
+NF4_HALF_GAP = 0.1520
+# LLM.int8() rounds each row to absmax/127 steps (half a step) after casting the weight to fp16 (≤ 2⁻¹¹ of it).
+INT8_HALF_STEP = 0.5
+FP16_ROUNDING = 2.0**-11
+
+
+def check_round_trip(name: str, weight: torch.Tensor, layer: nn.Module) -> float:
+    """Compare a quantized layer's dequantized weight with the float `weight` it was made from, element by element,
+    against the format's own bound; raise QuantizationError naming the layer and the figures when any element is
+    off (a kernel that reads the wrong scales), never train on a silently worse base. Returns ‖Q(W) − W‖ / ‖W‖."""
+    weight = weight.float()
+    error = (dequantized_weight(layer, layer.weight).float() - weight).abs()
+    bound = _elementwise_bound(layer, weight)
+    relative = float(error.norm() / weight.norm().clamp_min(1e-30))
+    worst = float((error / bound.clamp_min(1e-30)).max()) if error.numel() else 0.0
+    if worst > 1.0 + 1e-3:  # fp32 rounding of the products leaves ~1e-7 of slack
+        off = int((error > bound * (1.0 + 1e-3)).sum())
+        fmt = "NF4" if isinstance(layer.weight, _bnb().nn.Params4bit) else "int8"
+        raise QuantizationError(
+            f"{name}: the {fmt} round trip is off: relative error {relative:.3f} of ‖W‖ (NF4 on Gaussian weights: "
+            f"0.09; int8: < 0.01), {off} of {error.numel()} elements beyond the format's bound, the worst "
+            f"{worst:.1f}× it (weight {tuple(weight.shape)}, bitsandbytes {_bnb().__version__}, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}). This bitsandbytes build dequantizes this shape wrongly "
+            "here; use quant=none, or another bitsandbytes version.")
+    return relative
+
+
+def _elementwise_bound(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    bnb = _bnb()
+    if isinstance(layer.weight, bnb.nn.Params4bit):
+        state = layer.weight.quant_state
+        stored = state.absmax
+        if state.nested:
+            stored = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        blocksize = state.blocksize
+        flat = weight.reshape(-1).abs()
+        exact = torch.nn.functional.pad(flat, (0, (-flat.numel()) % blocksize)).view(-1, blocksize).amax(1)
+        per_block = NF4_HALF_GAP * exact + (stored.float().reshape(-1)[: exact.numel()] - exact).abs()
+        return per_block.repeat_interleave(blocksize)[: flat.numel()].view_as(weight)
+    step = weight.abs().amax(1, keepdim=True) / 127
+    return INT8_HALF_STEP * step + FP16_ROUNDING * weight.abs() + 1e-12
 
 
 # -- dequantize ----------------------------------------------------------------------------------

@@ -22,6 +22,15 @@ if DEVICE.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """precision=auto resolves as on a CPU without native bf16 (fp32), so the suite computes the same on every CPU;
+    tests/test_hardware.py probes explicitly, and tests that want bf16 ask for precision=bf16."""
+    from loraforge import hardware
+
+    monkeypatch.setattr(hardware, "cpu_bf16_capability", lambda: (False, "tests: no native bf16"))
+
+
 class TinyConvNet(nn.Module):
     """A small image classifier, for LoRA on Conv2d (and a Linear head)."""
 

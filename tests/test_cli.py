@@ -119,3 +119,43 @@ def test_bad_data_file_error_names_file_and_line(tiny_model_dir, tmp_path, capsy
                     '{"messages": [{"role": "user", "content": "q"}]\n')
     assert main(["train", f"model={tiny_model_dir}", f"data={data}", f"output={tmp_path / 'run'}"]) == 2
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_naming_where_it_happened(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from loraforge import train as train_module
+
+    def broken(config, console=None):
+        raise ZeroDivisionError("division by zero\nsecond line of detail")
+
+    monkeypatch.setattr(train_module, "train", broken)
+    args = ["train", f"model={tiny_model_dir}", f"data={DEMO_DATA}", f"output={tmp_path}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: unexpected ZeroDivisionError: division by zero (in loraforge/cli.py:")
+    assert "loraforge --debug" in err
+    with pytest.raises(ZeroDivisionError):  # --debug shows the traceback
+        main(["--debug", *args])
+
+
+def test_output_to_a_file_keeps_whole_lines(tmp_path):
+    from loraforge.console import LOG_WIDTH, make_console
+
+    line = "data: " + "a long line a CI log must keep whole " * 5
+    with open(tmp_path / "log.txt", "w") as file:
+        console = make_console(file)
+        console.print(line)
+    assert console.width == LOG_WIDTH
+    assert (tmp_path / "log.txt").read_text() == line + "\n"
+
+
+def test_cli_output_has_no_library_progress_bars(tiny_model_dir, capfd):
+    import transformers
+
+    try:
+        assert main(["chat", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+        out, err = capfd.readouterr()
+        assert "Loading weights" not in out + err and "it/s" not in out + err
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.set_verbosity_warning()

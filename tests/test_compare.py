@@ -131,6 +131,28 @@ def test_sweep_plots_final_loss_per_rank_and_learning_rate(tiny_model_dir, small
     assert page.count("<img") == 1 and "Best learning rate per line" in page and "÷" in page
 
 
+def test_sweep_without_ranks_or_lrs_runs_the_default_grid_around_the_advisors_lr(tiny_model_dir, small_data, tmp_path,
+                                                                                  monkeypatch):
+    from loraforge import train as train_module
+    from loraforge.advise import suggested_lr
+    from loraforge.errors import TrainingError
+
+    trained = []
+
+    def record(config, console=None):  # the grid is the point here, not nine trainings
+        trained.append((config.lora.r, config.lr))
+        raise TrainingError("not trained in this test")
+
+    monkeypatch.setattr(train_module, "train", record)
+    output = tmp_path / "sweep"
+    assert main(["sweep", *_overrides(tiny_model_dir, small_data, "max_steps=2"), "--output", str(output)]) == 0
+    config = load_train_config(None, _overrides(tiny_model_dir, small_data, "max_steps=2"))
+    advised = suggested_lr("llama", 32, "lora", 2, config.lora.r, config.lora.alpha)
+    assert [r for r, _ in trained] == [4] * 3 + [16] * 3 + [64] * 3
+    assert [lr for _, lr in trained[:3]] == pytest.approx([advised / 3, advised, advised * 3], rel=0.05)  # 2 digits
+    assert len(json.loads((output / "sweep.json").read_text())["runs"]) == 9
+
+
 @pytest.mark.parametrize("target_set,suffixes", [
     ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
     ("mlp", {"gate_proj", "up_proj", "down_proj"}),

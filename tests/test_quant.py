@@ -17,7 +17,7 @@ from loraforge.checkpoint import complete_checkpoints
 from loraforge.config import load_train_config
 from loraforge.data import Example
 from loraforge.demo import DEMO_DATA
-from loraforge.errors import AdapterError, ConfigError, MergeError
+from loraforge.errors import AdapterError, ConfigError, MergeError, QuantizationError
 from loraforge.models import load_model
 from loraforge.quant import (
     LOST_FRACTION,
@@ -67,6 +67,58 @@ def test_nf4_round_trip_error_is_bounded(shape):
     error = (restored - weight).abs()
     assert bool((error <= 0.16 * _block_absmax(weight, quant_module.NF4_BLOCKSIZE)).all())
     assert 0.05 < float((restored - weight).norm() / weight.norm()) < 0.10  # lossy, and by the documented amount
+
+
+@pytest.fixture
+def routed_4bit_kernel():
+    """bitsandbytes' AVX-512 dequantize kernel behind loraforge's routing, installed on any CPU: aligned rows go to
+    the native kernel (its scalar path where the CPU lacks AVX-512), misaligned rows to the reference kernel."""
+    assert quant_module._route_misaligned_4bit_rows_to_the_reference_kernel(quant_module._bnb(), force=True)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the routing is for bitsandbytes' CPU kernel")
+@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (30, 10), (32, 48), (6, 4096)])
+def test_nf4_round_trip_is_bounded_through_the_routed_cpu_kernel(routed_4bit_kernel, shape):
+    """The shapes the AVX-512 kernel got wrong (rows of 96 or 48: multiples of 16, not of 64) and aligned ones."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    restored = round_trip(weight, "nf4")
+    assert bool(((restored - weight).abs() <= 0.16 * _block_absmax(weight, quant_module.NF4_BLOCKSIZE)).all())
+    assert 0.05 < float((restored - weight).norm() / weight.norm()) < 0.10
+
+
+def _dequantize_like_the_avx512_kernel(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes ≤ 0.50.2's AVX-512 kernel returned: each row's scales read as if rows started blocks."""
+    state = weight.quant_state
+    rows, width = state.shape
+    correct = quant_module._bnb().functional.dequantize_4bit(weight.data, state)
+    codes = correct.reshape(-1) / state.absmax.float().repeat_interleave(state.blocksize)[: rows * width]
+    scales = quant_module._bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    col = torch.arange(width)
+    index = (torch.arange(rows)[:, None] * (width // state.blocksize) + col // state.blocksize).clamp_max(
+        scales.numel() - 1)
+    return codes.view(rows, width) * scales[index]
+
+
+def test_self_check_stops_on_a_kernel_that_reads_the_wrong_scales(monkeypatch):
+    """The bug as it was on AVX-512 CPUs (relative error ~0.27): quantizing stops, naming the layer and the figure."""
+    monkeypatch.setattr(quant_module, "dequantized_weight", _dequantize_like_the_avx512_kernel)
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.self_attn\.q_proj: the NF4 round trip is off: "
+                                                r"relative error 0\.[2-9]"):
+        quantize_model(make_model("llama"), "nf4")
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_self_check_accepts_heavy_tailed_weights_with_outliers_and_near_zero_rows(quant):
+    """The bound is per element, against the block's own scale: outliers (relative error 0.11 for NF4, above the
+    Gaussian 0.09) and a row a thousand times smaller than the rest pass, and the figure is returned."""
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(2.0).sample((64, 256))
+    weight[3] *= 1e-4
+    weight[5, :64] = 0
+    linear = nn.Linear(256, 64, bias=False)
+    linear.weight.data = weight
+    layer = quant_module._quantized_linear(linear, quant, torch.float32, torch.device("cpu"))
+    assert 0 < quant_module.check_round_trip("layer", weight, layer) < (0.2 if quant == "nf4" else 0.05)
 
 
 def test_int8_round_trip_error_is_half_a_step_per_row():

@@ -155,3 +155,21 @@ def test_stop_strings_cut_the_text_and_are_never_sent_in_part():
     pieces = _pieces(stream, ids)
     assert stream.stopped and stream.text == "Please send 3"
     assert "".join(pieces) == "Please send 3" and not any("blu" in piece for piece in pieces)
+
+
+def test_decoding_hands_the_kv_cache_over_without_a_deprecated_keyword(server, reference):  # noqa: F811
+    """transformers renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40)."""
+    import warnings
+
+    from loraforge.serve.batch import cache_keyword
+
+    assert cache_keyword(server.engine.lora.model) == "cache"  # the locked transformers has the new keyword
+    plan = ("skill-0", chat_prompt(2, 1), 4)
+    events = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        generation = _generation(server, *plan, events)
+        server.engine.submit([generation])
+        _run_until_done(server.engine, [generation])
+    assert _final(events).text == offline_answer(reference, *plan)

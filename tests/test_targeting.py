@@ -89,3 +89,15 @@ def test_bad_config_names_the_key():
         parse_section(LoraConfig, {"rank": 8}, where="lora")
     with pytest.raises(ConfigError, match=r"lora\.targets: .*not a valid regex"):
         parse_section(LoraConfig, {"targets": "(["}, where="lora")
+
+
+def test_comma_separated_targets_are_a_list_of_names_as_in_llama_factory():
+    from loraforge.config import load_train_config
+
+    config = load_train_config(None, ["lora.targets=q_proj,v_proj"])
+    assert config.lora.targets == ["q_proj", "v_proj"]
+    assert set(find_targets(make_model("llama"), config.lora).modules) == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    assert LoraConfig(targets="self_attn.q_proj, mlp.up_proj").targets == ["self_attn.q_proj", "mlp.up_proj"]
+    assert LoraConfig(targets=r"layers\.[0-1]\.(q|v)_proj").targets == r"layers\.[0-1]\.(q|v)_proj"  # a regex
+    assert LoraConfig(targets=r"q_proj{1,2}").targets == r"q_proj{1,2}"  # a comma inside a regex stays a regex

@@ -195,6 +195,8 @@ def test_mixed_precision_trains_with_fp32_adapters(tiny_model_dir, small_data, t
     result = train(_config(tiny_model_dir, small_data, tmp_path, f"precision={precision}", "lr=5e-2"))
     assert result.steps == 6 and result.skipped_steps == 0 and result.losses[-1] < result.losses[0]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in _adapter(tmp_path).values())
+    optimizer_state = load_file(complete_checkpoints(tmp_path / "checkpoints")[-1] / "optimizer.safetensors")
+    assert optimizer_state and all(t.dtype == torch.float32 for t in optimizer_state.values() if t.is_floating_point())
 
 
 def test_fp16_on_cpu_is_a_config_error(tiny_model_dir, small_data, tmp_path):

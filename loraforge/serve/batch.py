@@ -9,6 +9,7 @@ are cut off.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,12 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which the model's forward takes a KV cache: `cache` since transformers renamed it
+    (`past_key_values` warns, and goes in 5.40), `past_key_values` in the 5.x releases before the rename."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def check_full_attention(config) -> None:
     """Refuse models whose KV cache is more than keys and values per layer: joining and trimming rows edit those
     tensors directly, which sliding-window and linear-attention layers (they keep more state) would not survive."""
@@ -48,7 +55,8 @@ def check_full_attention(config) -> None:
 class RunningBatch:
     """Rows in decode, in the order of `rows`; `cache` and `mask` cover exactly those rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_keyword: str = "cache") -> None:
+        self.cache_keyword = cache_keyword
         self._clear()
 
     def _clear(self) -> None:
@@ -98,7 +106,7 @@ class RunningBatch:
         device = self.mask.device
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         inputs = dict(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=self.mask,
-                      position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+                      position_ids=self.positions[:, None], use_cache=True, **{self.cache_keyword: self.cache})
         self.positions = self.positions + 1
         return inputs
 

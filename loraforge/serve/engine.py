@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel
-from loraforge.serve.batch import RunningBatch, check_full_attention, left_padded, positions_of
+from loraforge.serve.batch import RunningBatch, cache_keyword, check_full_attention, left_padded, positions_of
 from loraforge.serve.text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,9 @@ class Engine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         # The head only needs the last position of a prefill; most causal LMs take `logits_to_keep`.
         self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_keyword = cache_keyword(model)
         self._waiting: deque[Generation] = deque()
-        self._batch = RunningBatch()
+        self._batch = RunningBatch(self._cache_keyword)
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -195,7 +196,7 @@ class Engine:
         with self._wakeup:
             self._fail([*self._waiting, *self._batch.rows], "the server is shutting down")
             self._waiting.clear()
-            self._batch = RunningBatch()
+            self._batch = RunningBatch(self._cache_keyword)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -214,7 +215,7 @@ class Engine:
             logger.exception("generation step failed")
             self._fail([*dict.fromkeys([*admitted, *self._batch.rows])],
                        f"generation failed ({type(error).__name__}: {error})")
-            self._batch = RunningBatch()
+            self._batch = RunningBatch(self._cache_keyword)
 
     def _admit(self) -> list[Generation]:
         admitted: list[Generation] = []
@@ -236,8 +237,8 @@ class Engine:
         extra = dict(logits_to_keep=1) if self._last_logits_only else {}
         with self.model_lock:
             out = self.lora(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
-                            past_key_values=cache, use_cache=True, adapter_names=[g.adapter for g in generations],
-                            **extra)
+                            use_cache=True, adapter_names=[g.adapter for g in generations],
+                            **{self._cache_keyword: cache}, **extra)
         self.stats.record(generations, prefill=True)
         tokens = self._choose(out.logits[:, -1], generations)
         self._batch.join(generations, cache, mask)
