@@ -30,7 +30,8 @@ def measure(model_name: str, quant: str, device: str, steps: int, batch_size: in
     from loraforge.config import load_train_config
     from loraforge.data import collate, prepare_data
     from loraforge.demo import DEMO_CONFIG, DEMO_DATA
-    from loraforge.evaluate import PeakMemory, causal_lm_loss
+    from loraforge.evaluate import PeakMemory
+    from loraforge.loss import causal_lm_loss
     from loraforge.lora import LoraModel
     from loraforge.models import load_model
     from loraforge.quant import frozen_weight_bytes

@@ -138,9 +138,9 @@ def run_peft_trl(args) -> dict:
 def micro(args) -> dict:
     """Median seconds of: the bound (frozen forward + backward to activations), a LoRA step, a full step."""
     from loraforge.config import LoraConfig, TrainConfig
-    from loraforge.evaluate import causal_lm_loss
+    from loraforge.loss import causal_lm_loss
     from loraforge.lora import LoraModel
-    from loraforge.train import frozen_storage_dtype
+    from loraforge.hardware import frozen_storage_dtype
 
     model, tokenizer = load_bench_model(args.model, args.device)
     data = bench_data(tokenizer)

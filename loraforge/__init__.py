@@ -1,7 +1,8 @@
 """loraforge: LoRA fine-tuning — train, evaluate, merge and serve low-rank adapters."""
 
 from loraforge.config import LoraConfig
-from loraforge.errors import AdapterError, AdapterFileError, ConfigError, LoraforgeError, MergeError
+from loraforge.errors import (AdapterError, AdapterFileError, ConfigError, LoraforgeError, MergeError,
+                              QuantizationError, TrainingError)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
 
 __version__ = "0.1.0"
@@ -15,4 +16,6 @@ __all__ = [
     "LoraModel",
     "LoraforgeError",
     "MergeError",
+    "QuantizationError",
+    "TrainingError",
 ]

@@ -20,7 +20,10 @@ Configuration: an optional YAML file, then key=value overrides with dotted keys,
 Keys: see --print-config (every key with its current value)."""
 
 
-def _train(args: argparse.Namespace) -> None:
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+
+
+def _train(args: argparse.Namespace) -> int | None:
     from loraforge.config import config_to_yaml, load_train_config
 
     console = make_console()
@@ -37,16 +40,21 @@ def _train(args: argparse.Namespace) -> None:
     if using_demo:
         console.print("no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.evaluate import evaluate_models
-    from loraforge.train import resolve_device, train
+    from loraforge.hardware import resolve_device
+    from loraforge.train import train
 
     result = train(config, console)
+    if result.stopped == "interrupted":  # the user wants out: no comparison, no report
+        console.print(f"interrupted at step {result.steps}; the run is checkpointed in {config.output}. Continue it "
+                      f"with the same command and resume=true", markup=False)
+        return INTERRUPTED
     if config.finetune == "full" and config.compare:
         console.print(f"finetune=full: the tuned model is in {result.adapter}; compare it with `loraforge compare` "
                       "(the base-vs-adapter comparison needs an adapter)")
     elif config.compare and config.compare_samples:
         # A QLoRA adapter is judged on the quantized base it was trained with, and so is "base".
         lora, tokenizer = _load_for_inference(config.model, [f"tuned={result.best_adapter or result.adapter}"],
-                                              device=resolve_device(config)[0], quant=config.quant)
+                                              device=resolve_device(config.device), quant=config.quant)
         test = _read_conversations(config.output / "data" / "test.jsonl")
         if not test:
             console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
@@ -166,9 +174,8 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    import torch
-
     from loraforge.config import TrainConfig, load_train_config
+    from loraforge.hardware import dtype_named
     from loraforge.data import tokenize
     from loraforge.lora import LoraModel
     from loraforge.lora.files import read_adapter_files
@@ -191,7 +198,7 @@ def _merge(args: argparse.Namespace) -> None:
     validation = Path(args.validation) if args.validation else (run / "data" / "validation.jsonl" if run else None)
     examples = [tokenize(tokenizer, c.messages, run_config.max_seq_len) for c in _read_conversations(validation)] \
         if quantized and validation else []
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    dtype = dtype_named(args.dtype) if args.dtype else None
     model, report = merge_quantized(lora, requantize=args.requantize, validation=examples,
                                     pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     output = Path(args.output)
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         quiet_libraries()
     try:
-        args.run(args)
+        code = args.run(args)
     except LoraforgeError as exc:
         if args.debug:
             raise
@@ -343,13 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except Exception as exc:  # a bug, or a library failing: one line that says what and where, not a traceback
         if args.debug:
             raise
         print(f"error: {unexpected_error(exc)}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 def unexpected_error(exc: BaseException) -> str:

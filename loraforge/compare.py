@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from loraforge.atomic import write_text
 from loraforge.config import TrainConfig, load_train_config, parse_section
 from loraforge.console import make_console
 from loraforge.errors import LoraforgeError, TrainingError
@@ -116,7 +117,8 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
     from loraforge.estimate import estimate, load_model_config, memory_in_use, track_freed_memory
     from loraforge.evaluate import PeakMemory, folder_mb
     from loraforge.models import load_model
-    from loraforge.train import resolve_device, train
+    from loraforge.hardware import resolve_device
+    from loraforge.train import train
 
     console = console or make_console()
     model_config = load_model_config(base.model)
@@ -124,7 +126,7 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
     lrs = {"full": full_lr or suggested_lr(model_config.model_type, model_config.hidden_size, "full"),
            "lora": lora_lr or suggested_lr(model_config.model_type, model_config.hidden_size, "lora", base.max_steps,
                                            lora.r, lora.alpha, lora.use_rslora)}
-    device = resolve_device(base)[0]
+    device = resolve_device(base.device)
     if device.type == "cpu":
         track_freed_memory()  # so that each arm's peak is its own, not what the allocator kept from the last
     general = general if general is not None else general_conversations()
@@ -136,7 +138,7 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
         config = derive(base, {"finetune": "full" if arm == "full" else "lora", "lr": lrs["full" if arm == "full"
                                else "lora"], "quant": "nf4" if arm == "qlora" else "none",
                                "output": str(Path(output) / arm), "compare": False, "report": False,
-                               "resume": False})
+                               "resume": False, "overwrite": True})
         console.rule(f"{arm}: lr={config.lr:.2g}")
         gc.collect()
         baseline = memory_in_use(device)
@@ -231,11 +233,11 @@ def _loss(value) -> str:
 
 
 def _write(output: Path, name: str, data: dict, page: str) -> None:
-    from loraforge.report import json_safe, write_text_atomically
+    from loraforge.report import json_safe
 
     output.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(output / f"{name}.json", json.dumps(json_safe(data), indent=1, allow_nan=False))
-    write_text_atomically(output / f"{name}.html", page)
+    write_text(output / f"{name}.json", json.dumps(json_safe(data), indent=1, allow_nan=False))
+    write_text(output / f"{name}.html", page)
 
 
 # -- sweep ------------------------------------------------------------------------------------------
@@ -275,8 +277,9 @@ def sweep(base: TrainConfig, output: Path, ranks: Sequence[int] | None = None, l
     runs = []
     for kind, targets, r, lr in grid:
         name = f"full-lr{lr:g}" if kind == "full" else f"{_slug(targets)}-r{r}-lr{lr:g}"
+        # overwrite: a sweep run again moves its earlier runs aside instead of refusing at the first one
         updates = {"lr": lr, "output": str(Path(output) / name), "compare": False, "report": False, "resume": False,
-                   "finetune": kind}
+                   "overwrite": True, "finetune": kind}
         if kind == "lora":
             updates.update({"lora.r": r, "lora.targets": TARGET_SETS.get(targets, targets)})
         config = derive(base, updates)

@@ -218,7 +218,11 @@ class TrainConfig(Section):
     patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement.")
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many NaN/inf losses in a row.")
     seed: int = Field(0)
-    resume: bool = Field(False, description="Continue from the newest complete checkpoint in output/.")
+    resume: bool = Field(False, description="Continue the run in output/ from its newest complete checkpoint (the "
+                         "base model, data and result-changing keys must match; max_steps, intervals, patience may "
+                         "change).")
+    overwrite: bool = Field(False, description="Start a new run in an output/ that holds another: the old run is "
+                            "moved aside to output.old-TIMESTAMP, never deleted.")
     compare: bool = Field(True, description="After training, answer held-out test prompts with base and tuned model.")
     compare_samples: int = Field(100, ge=0, description="Test prompts answered by base and tuned model.")
     max_new_tokens: int = Field(64, ge=1, description="Answer length cap for the comparison.")

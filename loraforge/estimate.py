@@ -12,7 +12,7 @@ targeting (a LoraModel on the meta model). Memory is counted per part, for full 
   optimizer    AdamW's two fp32 states per trainable parameter
   activations  what autograd keeps for backward (see `saved_elements_per_token`)
   logits       the fp32 log-probabilities of the target tokens (at most one chunk of them, see
-               evaluate.head_cross_entropy) and two gradient buffers of that size
+               loss.head_cross_entropy) and two gradient buffers of that size
 
 Peak = weights + optimizer + max(activations + logits + first gradients, all gradients): backward starts with
 every activation alive (and the output head's gradient), and ends with every gradient alive.
@@ -39,13 +39,13 @@ from loraforge.advise import AdapterLayout, adapter_layout
 from loraforge.config import LoraConfig, TrainConfig, load_train_config
 from loraforge.console import make_console
 from loraforge.errors import ConfigError, LoraforgeError
-from loraforge.evaluate import LOGITS_CHUNK_ELEMENTS
+from loraforge.hardware import dtype_named
+from loraforge.loss import LOGITS_CHUNK_ELEMENTS
 from loraforge.lora.model import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
 
 PRESETS = Path(__file__).parent / "presets"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADAPTER_BYTES = 4  # adapters train in fp32 whatever the base holds (lora/layers.py: adapter_dtype)
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 # QLoRA's NF4 (Dettmers et al. 2023, §3): 4 bits per weight, one 8-bit absmax per 64-weight block and, with double
@@ -237,7 +237,7 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
     tokens = batch_size * seq_len
     targets = tokens * target_fraction
     # The loss holds logits for at most a chunk of rows at once and recomputes chunks in backward
-    # (evaluate.head_cross_entropy), keeping only each chunk's hidden states.
+    # (loss.head_cross_entropy), keeping only each chunk's hidden states.
     logit_rows = min(targets, max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab))
     chunked = logit_rows < targets
     kind = "full" if full else "lora"
@@ -309,7 +309,7 @@ def estimate(model: str, config: TrainConfig, dtype: str | None = None, target_f
     params = count_parameters(model_config, config.lora)
     dtype = dtype or config_dtype(model_config)
     activation_dtype = config.precision if config.precision in ("bf16", "fp16") else dtype
-    # train's base_dtype: auto stores adapted weights in the autocast dtype (train.frozen_storage_dtype)
+    # train's base_dtype: auto stores adapted weights in the autocast dtype (hardware.frozen_storage_dtype)
     frozen_dtype = activation_dtype if config.base_dtype == "auto" else config.base_dtype
     shape = dict(batch_size=config.batch_size, seq_len=config.max_seq_len, target_fraction=target_fraction,
                  checkpointing=config.gradient_checkpointing)
@@ -330,9 +330,10 @@ def calibrate(est: Estimate, model_config, config: TrainConfig, modes: tuple[str
     the rate this machine reaches on a forward pass of the same batch."""
     import psutil
 
-    from loraforge.train import resolve_device
+    from loraforge.hardware import autocast_dtype, resolve_precision
 
-    device, amp_dtype = resolve_device(config)
+    device, precision = resolve_precision(config)
+    amp_dtype = autocast_dtype(precision)
     available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available)
     if device.type == "cpu":
         track_freed_memory()
@@ -345,39 +346,41 @@ def calibrate(est: Estimate, model_config, config: TrainConfig, modes: tuple[str
 
 def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device: torch.device, amp_dtype,
              seed: int) -> dict:
-    from contextlib import nullcontext
-
     from transformers import AutoModelForCausalLM
 
-    from loraforge.evaluate import PeakMemory, causal_lm_loss
-    from loraforge.lora import LoraModel
-    from loraforge.optim import build_optimizer
+    from loraforge.evaluate import PeakMemory
+    from loraforge.loss import causal_lm_loss
+    from loraforge.lora import DEFAULT_ADAPTER, LoraModel
+    from loraforge.models import enable_gradient_checkpointing
+    from loraforge.optim import build_optimizer, build_scheduler
+    from loraforge.train.step import train_step
+    from loraforge.train.trainee import AdapterTrainee, FullModelTrainee
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
     torch.manual_seed(seed)
     batch = _random_batch(est, model_config.vocab_size, device)
     baseline = memory_in_use(device)
     with PeakMemory(device) as peak:
-        model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[est.dtype]).to(device)
-        trainee = LoraModel(model, config.lora) if mode == "lora" else model.requires_grad_(True)
-        trainee.train()
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype_named(est.dtype)).to(device)
+        trainee = (AdapterTrainee(LoraModel(model, config.lora), DEFAULT_ADAPTER) if mode == "lora"
+                   else FullModelTrainee(model, tokenizer=None))
+        model.train()
         if est.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = build_optimizer(trainee, config)
+            enable_gradient_checkpointing(model)
+        optimizer = build_optimizer(trainee.parameter_groups(config), config)
+        scheduler = build_scheduler(optimizer, config, 2)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         step_seconds = []
-        for _ in range(2):  # the first step also creates the optimizer states
+        for step in (1, 2):  # the first step also creates the optimizer states
             sync()
             start = time.perf_counter()
-            with autocast():
-                loss, count = causal_lm_loss(model, batch)
-            (loss / count).backward()
-            torch.nn.utils.clip_grad_norm_(trainee.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(trainee, [batch], optimizer, scheduler, scaler, autocast, step, max_grad_norm=1.0)
             sync()
             step_seconds.append(time.perf_counter() - start)
         with torch.no_grad(), autocast():
@@ -387,7 +390,7 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
             sync()
             forward_seconds = time.perf_counter() - start
     measured_peak = peak.peak_mb * 2**20 - baseline
-    del model, trainee, optimizer
+    del model, trainee, optimizer, scheduler
     _release_memory(device)
     forward_flops = est.flops_per_token["full"] / 3 * est.batch_size * est.seq_len
     rate = forward_flops / forward_seconds

@@ -13,75 +13,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
-from loraforge.data import IGNORE_INDEX, Example, Messages, collate, render
+from loraforge.data import Example, Messages, collate, render
+from loraforge.loss import causal_lm_loss
 from loraforge.metrics import choose_metrics, normalize, score
-
-
-def _plain_head(model: nn.Module) -> bool:
-    # Models that post-process logits (Gemma-2 soft-capping, Cohere's logit_scale) need their own forward.
-    config = getattr(model, "config", None)
-    return (
-        hasattr(model, "get_output_embeddings")
-        and hasattr(model, getattr(model, "base_model_prefix", "") or "-")
-        and getattr(config, "final_logit_softcapping", None) is None
-        and getattr(config, "logit_scale", None) is None
-    )
-
-
-# Logits of at most this many elements exist at once in the loss (256 MB in fp32); beyond it the head runs in
-# chunks whose logits are recomputed in backward instead of kept.
-LOGITS_CHUNK_ELEMENTS = 2**26
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over target tokens, number of target tokens).
-
-    The output head runs only on positions that carry loss: with a 49k vocabulary the head is a large
-    share of a small model's compute, and prompt tokens need no logits. Packed batches (see data.collate)
-    carry position ids and no attention mask.
-    """
-    labels = batch["labels"][:, 1:]
-    targets = labels != IGNORE_INDEX
-    count = int(targets.sum())
-    # `inputs_embeds` instead of ids lets a caller differentiate with respect to the input activations.
-    inputs = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
-    else:
-        inputs["attention_mask"] = batch["attention_mask"]
-    if _plain_head(model):
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        loss = head_cross_entropy(model.get_output_embeddings(), hidden[:, :-1][targets], labels[targets],
-                                  model.config.get_text_config().vocab_size)
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][targets]
-        loss = F.cross_entropy(logits.float(), labels[targets], reduction="sum")
-    return loss, count
-
-
-def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Summed cross-entropy of head(hidden) against labels, never holding more than LOGITS_CHUNK_ELEMENTS logits."""
-
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-    rows = max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
-    if hidden.shape[0] <= rows:
-        return chunk_loss(hidden, labels)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], rows):
-        h, y = hidden[start : start + rows], labels[start : start + rows]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
-        else:
-            total = total + chunk_loss(h, y)
-    return total
 
 
 @torch.no_grad()

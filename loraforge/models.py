@@ -108,6 +108,16 @@ def release_checkpoint_mapping(model: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: it needs no input that requires
+    grad, which a frozen embedding never gives)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,

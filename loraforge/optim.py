@@ -25,8 +25,8 @@ def parameter_groups(lora: LoraModel, config: TrainConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(lora: LoraModel, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(lora, config)
+def build_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over parameter groups (parameter_groups for an adapter; one group for a whole model)."""
     device = groups[0]["params"][0].device
     # The fused kernel does the whole update in one launch per group; CPU gained it in torch 2.4.
     fused = device.type in ("cuda", "cpu")

@@ -8,12 +8,11 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from loraforge.atomic import write_text
 from loraforge.errors import LoraforgeError
 
 RATE_METRICS = ("exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "accuracy", "macro_f1")  # in [0, 1]
@@ -59,9 +58,9 @@ def write_report(run_dir: Path, data: dict | None = None) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     data = collect_run(run_dir) if data is None else data
     html_path, json_path = run_dir / "report.html", run_dir / "report.json"
-    write_text_atomically(html_path, render_html(data))
+    write_text(html_path, render_html(data))
     text = json.dumps(json_safe(data), indent=1, ensure_ascii=False, default=str, allow_nan=False)
-    write_text_atomically(json_path, text)
+    write_text(json_path, text)
     return html_path, json_path
 
 
@@ -74,15 +73,6 @@ def json_safe(value):
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; a report is meant to be shared
-    os.replace(tmp, path)
 
 
 # -- pieces ---------------------------------------------------------------------------------------

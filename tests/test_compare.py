@@ -21,6 +21,7 @@ from loraforge.evaluate import evaluate_loss
 from loraforge.lora.targeting import find_targets
 from loraforge.models import load_model
 from loraforge.train import train
+from loraforge.train.checkpoint import complete_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_full_finetuning_trains_every_weight_and_writes_a_whole_model(tiny_model
     result = train(config, console)
     assert result.losses[-1] < result.losses[0]
     assert result.adapter == tmp_path / "model" and result.best_adapter == tmp_path / "best"
-    assert not (tmp_path / "checkpoints").exists()
+    assert (complete_checkpoints(tmp_path / "checkpoints")[-1] / "trainee.safetensors").exists()  # resumable
     base = load_file(tiny_model_dir / "model.safetensors")
     tuned = load_file(tmp_path / "model" / "model.safetensors")
     assert base.keys() == tuned.keys()
@@ -58,12 +59,11 @@ def test_full_finetuning_trains_every_weight_and_writes_a_whole_model(tiny_model
     assert "full fine-tuning: " in text and "(learning rate): lr=0.01; suggested for full fine-tuning" in text
 
 
-def test_full_finetuning_refuses_resume_and_quantized_bases(tiny_model_dir, small_data, tmp_path):
-    for extra in ("resume=true", "quant=nf4"):
-        config = load_train_config(None, _overrides(tiny_model_dir, small_data, f"output={tmp_path}",
-                                                    "finetune=full", extra))
-        with pytest.raises(ConfigError, match="finetune=full"):
-            train(config)
+def test_full_finetuning_refuses_quantized_bases(tiny_model_dir, small_data, tmp_path):
+    config = load_train_config(None, _overrides(tiny_model_dir, small_data, f"output={tmp_path}", "finetune=full",
+                                                "quant=nf4"))
+    with pytest.raises(ConfigError, match="finetune=full"):
+        train(config)
 
 
 def test_train_prints_the_advisors(tiny_model_dir, small_data, tmp_path):

@@ -151,7 +151,7 @@ def test_bf16_stored_base_trains_like_its_widened_copy(arch):
 
 def test_releasing_the_checkpoint_map_keeps_values_and_ties(tiny_model_dir):
     from loraforge.models import load_model, release_checkpoint_mapping
-    from loraforge.train import compact_cpu_allocator
+    from loraforge.hardware import compact_cpu_allocator
 
     model, _ = load_model(tiny_model_dir)
     ids = torch.tensor([[1, 2, 3, 4]])

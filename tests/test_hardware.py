@@ -81,7 +81,7 @@ def test_the_real_probe_on_this_machine(monkeypatch, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_precision_set_in_the_config_is_taken_as_it_is(precision, monkeypatch):
     from loraforge.config import TrainConfig
-    from loraforge.train import resolve_precision
+    from loraforge.hardware import resolve_precision
 
     monkeypatch.setattr(hardware, "time_matmul", _never_timed)
     device, choice = resolve_precision(TrainConfig(device="cpu", precision=precision))

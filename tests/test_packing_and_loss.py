@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import VOCAB, make_model
 from loraforge import LoraConfig, LoraModel
 from loraforge import evaluate as evaluate_module
+from loraforge import loss as loss_module
 from loraforge.data import IGNORE_INDEX, Example, collate
-from loraforge.evaluate import causal_lm_loss
+from loraforge.loss import causal_lm_loss
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[Example]:
@@ -77,7 +78,7 @@ def test_chunked_head_gives_the_plain_loss_and_gradient(monkeypatch):
     batch = collate(_examples([30, 25, 18]), 0)
     results = []
     for chunk in (10**9, 3 * VOCAB):  # no chunking, then chunks of 3 rows of logits
-        monkeypatch.setattr(evaluate_module, "LOGITS_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(loss_module, "LOGITS_CHUNK_ELEMENTS", chunk)
         lora.zero_grad()
         loss, _ = causal_lm_loss(lora.model, batch)
         loss.backward()

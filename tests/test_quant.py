@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraforge import LoraConfig, LoraModel
 from loraforge import quant as quant_module
-from loraforge import train as train_module
-from loraforge.checkpoint import complete_checkpoints
+from loraforge.train import step as step_module
+from loraforge.train.checkpoint import complete_checkpoints
 from loraforge.config import load_train_config
 from loraforge.data import Example
 from loraforge.demo import DEMO_DATA
@@ -329,7 +329,7 @@ def test_qlora_resume_is_step_exact(qlora_run, tiny_model_dir, small_data, tmp_p
     with pytest.raises(RuntimeError, match="power cut"):
         train(_qlora_config(tiny_model_dir, small_data, tmp_path))
     assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step-0000004"
-    monkeypatch.setattr(train_module, "causal_lm_loss", original)
+    monkeypatch.setattr(step_module, "causal_lm_loss", original)
     resumed = train(_qlora_config(tiny_model_dir, small_data, tmp_path, "resume=true"))
     assert resumed.losses == straight.losses[4:]
 

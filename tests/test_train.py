@@ -11,13 +11,15 @@ import torch
 from conftest import crash_loss_at_call
 from safetensors.torch import load_file
 
-from loraforge.checkpoint import complete_checkpoints
+from loraforge.train.checkpoint import complete_checkpoints
 from loraforge.config import TrainConfig, load_train_config
 from loraforge.demo import DEMO_DATA
 from loraforge.errors import TrainingError
 from loraforge.lora import LoraModel
 from loraforge.optim import lr_factor, parameter_groups
-from loraforge import train as train_module
+from loraforge.train import log as log_module
+from loraforge.train import loop as loop_module
+from loraforge.train import step as step_module
 from loraforge.train import train
 
 
@@ -62,18 +64,18 @@ def test_interrupt_then_resume_is_step_exact(tiny_model_dir, small_data, tmp_pat
     train(_config(tiny_model_dir, small_data, straight))
 
     resumed = tmp_path / "resumed"
-    original_log = train_module.MetricsLog.log
+    original_log = log_module.MetricsLog.log
 
     def interrupt_at_step_4(self, step, **values):
         original_log(self, step, **values)
         if step == 4 and "train_loss" in values:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: finish the step, checkpoint, exit
 
-    monkeypatch.setattr(train_module.MetricsLog, "log", interrupt_at_step_4)
+    monkeypatch.setattr(log_module.MetricsLog, "log", interrupt_at_step_4)
     first = train(_config(tiny_model_dir, small_data, resumed))
     assert first.stopped == "interrupted" and first.steps == 4
     assert [p.name for p in complete_checkpoints(resumed / "checkpoints")][-1] == "step-0000004"
-    monkeypatch.setattr(train_module.MetricsLog, "log", original_log)
+    monkeypatch.setattr(log_module.MetricsLog, "log", original_log)
 
     second = train(_config(tiny_model_dir, small_data, resumed, "resume=true"))
     assert second.steps == 6 and second.stopped == "max_steps"
@@ -92,7 +94,7 @@ def test_crash_mid_training_keeps_last_complete_checkpoint_and_resumes(tiny_mode
     with pytest.raises(RuntimeError, match="power cut"):
         train(_config(tiny_model_dir, small_data, crashed, "save_every=2"))
     assert [p.name for p in complete_checkpoints(crashed / "checkpoints")] == ["step-0000002", "step-0000004"]
-    monkeypatch.setattr(train_module, "causal_lm_loss", original)
+    monkeypatch.setattr(step_module, "causal_lm_loss", original)
     train(_config(tiny_model_dir, small_data, crashed, "save_every=2", "resume=true"))
     assert _metric(crashed, "train_loss") == _metric(straight, "train_loss")
     a, b = _adapter(straight), _adapter(crashed)
@@ -108,7 +110,7 @@ def test_incomplete_checkpoint_is_ignored(tiny_model_dir, small_data, tmp_path):
 
 
 def _nan_at(calls_to_poison: set[int], monkeypatch):
-    original = train_module.causal_lm_loss
+    original = step_module.causal_lm_loss
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -116,7 +118,7 @@ def _nan_at(calls_to_poison: set[int], monkeypatch):
         loss, count = original(model, batch)
         return (loss * float("nan"), count) if calls["n"] in calls_to_poison else (loss, count)
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(step_module, "causal_lm_loss", poisoned)
 
 
 def test_nan_step_is_skipped_and_counted(tiny_model_dir, small_data, tmp_path, monkeypatch):
@@ -142,10 +144,10 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, small_data, tmp_p
         return {"loss": next(scripted), "perplexity": 1.0, "tokens": 1}
 
     def recording_save(self, directory, adapter_names=None):
-        saved_at.append(directory.name)
+        saved_at.append(directory.name.split(".")[1])  # written as .best.XXXX.tmp, then swapped in as best/
         return original_save(self, directory, adapter_names)
 
-    monkeypatch.setattr(train_module, "evaluate_loss", fake_evaluate)
+    monkeypatch.setattr(loop_module, "evaluate_loss", fake_evaluate)
     monkeypatch.setattr(LoraModel, "save", recording_save)
     result = train(_config(tiny_model_dir, small_data, tmp_path, "max_steps=40", "eval_every=2", "patience=2"))
     assert result.stopped == "early_stopping" and result.steps == 8

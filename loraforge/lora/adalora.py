@@ -268,6 +268,38 @@ class RankAllocator:
         })
         self.keep, self.pruned = None, True
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a step-exact resume needs: the sensitivity EMAs, the latest allocation, whether pruned."""
+        tensors = {"pruned": torch.tensor(self.pruned)}
+        for (module_name, tensor_name), (smooth, uncertainty) in self.sensitivity.items():
+            tensors[f"sensitivity.{module_name}.{tensor_name}"] = smooth
+            tensors[f"uncertainty.{module_name}.{tensor_name}"] = uncertainty
+        keep = self.keep or {}
+        if self.pruned:  # the final allocation lives in the config's masks then (over the init_r triplets)
+            masks = self.lora.configs[self.name].adalora.rank_pattern or {}
+            keep = {m: torch.tensor(masks[m + MASK_SUFFIX]) for m in self.layers if m + MASK_SUFFIX in masks}
+        for module_name, mask in keep.items():
+            tensors[f"keep.{module_name}"] = mask
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The state of state_tensors back, before the adapter's own tensors are loaded (a pruned adapter is cut
+        to its final ranks first, so that their shapes match)."""
+        device = next(iter(self.layers.values())).lora_E[self.name].device if self.layers else None
+        self.sensitivity = {}
+        for key, value in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "sensitivity":
+                module_name, tensor_name = rest.rsplit(".", 1)
+                self.sensitivity[(module_name, tensor_name)] = (
+                    value.to(device), tensors[f"uncertainty.{rest}"].to(device))
+        keep = {key.removeprefix("keep."): value.to(device) for key, value in tensors.items()
+                if key.startswith("keep.")}
+        self.keep, self.pruned = keep or None, False
+        if bool(tensors["pruned"]):
+            self.prune()
+
     # -- reporting -----------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
         """The rank of every module under the latest allocation."""

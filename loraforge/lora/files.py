@@ -8,8 +8,6 @@ Tensor keys are `base_model.model.<module path>.<PEFT name>` with the adapter na
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
+from loraforge.atomic import write_file, write_text
 from loraforge.config import LoraConfig, parse_section
 from loraforge.errors import AdapterFileError, ConfigError
 from loraforge.lora.layers import LoraLayer, LoraLinear, ModulesToSave
@@ -115,9 +114,8 @@ def save_adapter(lora: LoraModel, name: str, directory: Path) -> None:
     if lora.configs[name].init.startswith("pissa"):
         tensors, peft_config = _pissa_as_plain_lora(lora, name, tensors, peft_config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-    config_text = json.dumps(peft_config, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text + "\n"))
+    write_file(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    write_text(directory / CONFIG_FILE, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
 
 
 def _pissa_as_plain_lora(lora: LoraModel, name: str, tensors: dict, peft_config: dict) -> tuple[dict, dict]:
@@ -139,17 +137,6 @@ def _pissa_as_plain_lora(lora: LoraModel, name: str, tensors: dict, peft_config:
         alpha_pattern[module_name] = doubled_alpha(alpha, config.use_rslora)
     return tensors, {**peft_config, "rank_pattern": {**rank_pattern, **peft_config["rank_pattern"]},
                      "alpha_pattern": {**alpha_pattern, **peft_config["alpha_pattern"]}}
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_adapter_files(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -197,10 +197,38 @@ class LoraModel(nn.Module):
         self._check_known([n for n in per_row if n is not None])
         plan = RowAdapters.from_names(per_row, device=self._device())
         self._broadcast(row_adapters=plan)
+        replaced = self._replay_plan_when_recomputing(plan)
         try:
             yield
         finally:
             self._broadcast(row_adapters=None)
+            for module, original in replaced:
+                module._gradient_checkpointing_func = original
+
+    def _replay_plan_when_recomputing(self, plan: RowAdapters) -> list[tuple[nn.Module, object]]:
+        """Gradient checkpointing runs a layer's forward again inside backward(), after this block has exited:
+        each checkpointed layer (transformers calls its `_gradient_checkpointing_func(forward, *args)`) gets a
+        forward that sets the row plan itself, so the recomputation routes rows as the forward did."""
+        replaced = []
+        for module in self.model.modules():
+            original = getattr(module, "_gradient_checkpointing_func", None)
+            if original is None or not getattr(module, "gradient_checkpointing", False):
+                continue
+
+            def checkpointed(function, *args, _original=original, **kwargs):
+                def under_plan(*inner, **inner_kwargs):
+                    previous = next((m.row_adapters for _, m in self.wrappers()), None)
+                    self._broadcast(row_adapters=plan)
+                    try:
+                        return function(*inner, **inner_kwargs)
+                    finally:
+                        self._broadcast(row_adapters=previous)
+
+                return _original(under_plan, *args, **kwargs)
+
+            module._gradient_checkpointing_func = checkpointed
+            replaced.append((module, original))
+        return replaced
 
     def _check_known(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self.configs]

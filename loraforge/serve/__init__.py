@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from loraforge.hardware import TORCH_NAMES, dtype_named
 from loraforge.serve.api import Limits, Server
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_server(base: str, adapters_dir: str | Path, *, device: str = "auto", dtype: str = "float32",
@@ -39,7 +39,7 @@ def build_server(base: str, adapters_dir: str | Path, *, device: str = "auto", d
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(base, dtype=DTYPES[dtype], device=device)
+    model, tokenizer = load_model(base, dtype=dtype_named(dtype), device=device)
     lora = LoraModel(model)
     model_lock = threading.Lock()
     registry = AdapterRegistry(lora, adapters_dir, max_adapters, model_lock)
@@ -73,7 +73,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-concurrent", type=int, default=Limits.max_concurrent,
                        help="requests in flight; more are answered 429")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
-    serve.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    serve.add_argument("--dtype", choices=sorted(TORCH_NAMES), default="float32")
     serve.add_argument("--threads", type=int, help="torch threads of the engine (default: torch's)")
     serve.set_defaults(run=_serve)
 
