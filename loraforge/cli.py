@@ -180,7 +180,7 @@ def _merge(args: argparse.Namespace) -> None:
     from loraforge.lora import LoraModel
     from loraforge.lora.files import read_adapter_files
     from loraforge.models import load_model
-    from loraforge.quant import merge_quantized
+    from loraforge.merge import merge_quantized
 
     adapter = Path(args.adapter)
     # An adapter inside a `loraforge train` run (run/adapter, run/best, run/checkpoints/step-N) has the run's

@@ -142,19 +142,14 @@ def compare(base: TrainConfig, output: Path, arms: Sequence[str] = ARMS, full_lr
         console.rule(f"{arm}: lr={config.lr:.2g}")
         gc.collect()
         baseline = memory_in_use(device)
-        try:
-            with PeakMemory(device) as peak:
-                result = train(config, console)
-            if result.stopped == "interrupted":  # Ctrl-C stops the comparison, not just this arm
-                raise KeyboardInterrupt
-        except Exception as error:
-            # QLoRA needs bitsandbytes support for this device (and quant.py, still being built): without it the
-            # comparison goes on with the other arms and says why QLoRA is missing. Other arms' errors stop it.
-            if arm != "qlora" or isinstance(error, TrainingError):
-                raise
-            console.print(f"[yellow]QLoRA arm skipped: {type(error).__name__}: {error}[/]")
-            skipped[arm] = f"{type(error).__name__}: {error}"
+        if arm == "qlora" and (missing := _qlora_unsupported(device)):
+            console.print(f"[yellow]QLoRA arm skipped: {missing}[/]")
+            skipped[arm] = missing
             continue
+        with PeakMemory(device) as peak:
+            result = train(config, console)
+        if result.stopped == "interrupted":  # Ctrl-C stops the comparison, not just this arm
+            raise KeyboardInterrupt
         est = estimate(config.model, config, model_config=model_config)
         mode = "lora" if arm == "qlora" else arm
         val, train_curve = _curves(result.output, est.flops_per_token[mode])
@@ -226,6 +221,20 @@ def _page(title: str, body: str) -> str:
 
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>loraforge: {escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{body}</body></html>\n")
+
+
+def _qlora_unsupported(device) -> str | None:
+    """Why bitsandbytes cannot give this device a 4-bit base (the one reason to leave the QLoRA arm out), or None.
+    Every other failure of the arm is an error of the comparison and stops it."""
+    import torch
+
+    try:
+        from loraforge.quant import round_trip
+
+        round_trip(torch.randn(64, 64, device=device), "nf4")
+    except (ImportError, RuntimeError, NotImplementedError) as error:
+        return f"bitsandbytes cannot quantize to NF4 on {device} here ({type(error).__name__}: {error})"
+    return None
 
 
 def _loss(value) -> str:

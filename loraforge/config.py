@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import ConfigError
 
@@ -134,12 +134,51 @@ class LoraConfig(Section):
                 raise ValueError(f"not a valid regex: {exc}") from None
         return value
 
+    @model_validator(mode="after")
+    def _only_what_the_method_reads(self) -> LoraConfig:
+        # One flat section serves four methods; an option the chosen method would ignore is an error naming the
+        # key, never a silent no-op (lora.r on AdaLoRA was printed and ignored).
+        for key, reason in unread_options(self):
+            raise ValueError(f"{key}: {reason}")
+        return self
+
     @field_validator("init")
     @classmethod
     def _init_known(cls, value: str) -> str:
         if value not in ("kaiming", "gaussian", "pissa") and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
             raise ValueError("must be 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_N' (N ≥ 1)")
         return value
+
+
+# LoRA options (with their defaults) that the other methods do not have. LoHa / LoKr: their own dropouts are
+# lycoris.rank_dropout / module_dropout, and they have no B for LoRA+. AdaLoRA (as PEFT's): no DoRA, rsLoRA,
+# PiSSA, alpha_pattern or expert tensors; dropout it has, and LoRA+ (a learning rate for its B) is the trainer's.
+NOT_READ_BY = {
+    "loha": {"dropout": 0.0, "use_rslora": False, "use_dora": False, "init": "kaiming", "plus_ratio": 1.0},
+    "lokr": {"dropout": 0.0, "use_rslora": False, "use_dora": False, "init": "kaiming", "plus_ratio": 1.0},
+    "adalora": {"use_rslora": False, "use_dora": False, "init": "kaiming", "alpha_pattern": {},
+                "target_parameters": []},
+}
+
+
+def unread_options(config: LoraConfig) -> list[tuple[str, str]]:
+    """(key, why) for every option set away from its default that config.method does not read."""
+    method, unread = config.method, []
+    if method != "adalora" and config.adalora != AdaLoraOptions():
+        unread.append(("adalora", f"options of method=adalora; method={method} does not read them"))
+    if method not in ("loha", "lokr") and config.lycoris != LycorisOptions():
+        unread.append(("lycoris", f"options of method=loha / lokr; method={method} does not read them"))
+    if method == "adalora":
+        if config.r != LoraConfig.model_fields["r"].default:
+            unread.append(("r", "method=adalora does not read it: every module starts at adalora.init_r and is "
+                                "pruned towards adalora.target_r"))
+        if config.rank_pattern and not config.adalora.rank_pattern:
+            unread.append(("rank_pattern", "method=adalora sets the ranks itself (pruning writes "
+                                           "adalora.rank_pattern); a hand-written one would mean something else"))
+    for key, default in NOT_READ_BY.get(method, {}).items():
+        if getattr(config, key) != default:
+            unread.append((key, f"a LoRA option that method={method} does not have; leave it at {default!r}"))
+    return unread
 
 
 class DataConfig(Section):
@@ -246,8 +285,10 @@ def parse_section(section: type[Section], values: dict, where: str = "") -> Sect
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "<root>"
-            problems.append(f"{where}.{key}: {error['msg']}" if where else f"{key}: {error['msg']}")
+            key, message = ".".join(str(part) for part in error["loc"]), error["msg"]
+            if not key:  # a whole-section check (LoraConfig's unread options) names its key as "key: reason"
+                key, _, message = message.removeprefix("Value error, ").partition(": ")
+            problems.append(f"{where}.{key}: {message}" if where else f"{key}: {message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
 
 

@@ -41,7 +41,7 @@ from loraforge.console import make_console
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.hardware import dtype_named
 from loraforge.loss import LOGITS_CHUNK_ELEMENTS
-from loraforge.lora.model import SWIGLU_MLPS
+from loraforge.lora.fused_mlp import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
 
 PRESETS = Path(__file__).parent / "presets"

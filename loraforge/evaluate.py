@@ -8,8 +8,8 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -73,17 +73,6 @@ def _answer_prompts(conversations: Sequence, limit: int | None) -> tuple[list[Me
     return [c.messages[:-1] for c in chosen], [c.messages[-1]["content"] for c in chosen]
 
 
-@contextmanager
-def running(lora, name: str | None) -> Iterator[None]:
-    """Run `lora` as the base model (name None) or with one adapter; the active set comes back after."""
-    previous = lora.active_adapters
-    lora.set_active([] if name is None else [name])
-    try:
-        yield
-    finally:
-        lora.set_active(previous)
-
-
 def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapters: Sequence[str],
                     metric_names: Sequence[str] | str = "auto", limit: int | None = 100, max_new_tokens: int = 64,
                     batch_size: int = 16, max_seq_len: int = 512, with_loss: bool = True) -> dict:
@@ -98,7 +87,7 @@ def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Seq
     models: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     for label, adapter in [("base", None)] + [(a, a) for a in adapters]:
-        with running(lora, adapter):
+        with lora.using(adapter):
             row = {}
             if examples:
                 loss = evaluate_loss(lora, examples, tokenizer.pad_token_id, batch_size, device)
@@ -122,7 +111,7 @@ def consistency(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequenc
     result = {}
     for label, adapter in [("base", None)] + [(a, a) for a in adapters]:
         agreement, distinct = [], []
-        with running(lora, adapter):
+        with lora.using(adapter):
             torch.manual_seed(seed)
             for question in questions:
                 inputs = tokenizer(render(tokenizer, question, generation_prompt=True), return_tensors="pt",
@@ -207,9 +196,9 @@ def resources(lora, tokenizer: PreTrainedTokenizerBase, adapter: str, adapter_di
     input_ids = tokenizer(render(tokenizer, prompt, generation_prompt=True), return_tensors="pt",
                           add_special_tokens=False)["input_ids"].to(device)
     latency = {}
-    with running(lora, None):
+    with lora.using(None):
         latency["base"] = generation_latency(lora, input_ids, new_tokens)
-    with running(lora, adapter):
+    with lora.using(adapter):
         latency["unmerged"] = generation_latency(lora, input_ids, new_tokens)
         # Base and merged both run through the (then idle) wrappers, so the gap to the base is the adapter's
         # own cost: zero once merged.

@@ -13,13 +13,14 @@ B_FACTOR_NAMES = (".lora_B.", ".lora_embedding_B.")
 
 
 def parameter_groups(lora: LoraModel, config: TrainConfig) -> list[dict]:
-    """A factors and full copies at `lr`; B factors at `lora.plus_ratio × lr` (LoRA+, Hayou et al. 2024:
-    B sees a much larger effective learning rate at the optimum, ratio ~16)."""
+    """Group "adapter" at `lr`: A factors and every other adapter tensor (DoRA magnitudes, LoHa/LoKr factors,
+    modules_to_save copies); group "lora_B" at `lora.plus_ratio × lr` (LoRA+, Hayou et al. 2024: B sees a much
+    larger effective learning rate at the optimum, ratio ~16)."""
     a_params, b_params = [], []
     for name, param in lora.named_parameters():
         if param.requires_grad:
             (b_params if any(key in name + "." for key in B_FACTOR_NAMES) else a_params).append(param)
-    groups = [{"params": a_params, "lr": config.lr, "name": "lora_A"}]
+    groups = [{"params": a_params, "lr": config.lr, "name": "adapter"}]
     if b_params:
         groups.append({"params": b_params, "lr": config.lr * config.lora.plus_ratio, "name": "lora_B"})
     return groups

@@ -78,6 +78,25 @@ def make_inputs(arch: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, 7), generator=generator).to(DEVICE)
 
 
+def check_merge_round_trip(lora: LoraModel, inputs: torch.Tensor, atol: float, unload: bool = True) -> torch.Tensor:
+    """merge() gives the unmerged outputs, unmerge() gives back every base weight (to fp32 rounding) and the
+    outputs, merge_and_unload() a plain model (no LoRA module left) with the same outputs. Returns them."""
+    unmerged = run(lora, inputs)
+    originals = {n: layer.base_weight.detach().clone() for n, layer in lora.lora_layers()}
+    lora.merge()
+    torch.testing.assert_close(run(lora, inputs), unmerged, atol=atol, rtol=0)
+    lora.unmerge()
+    for name, layer in lora.lora_layers():
+        torch.testing.assert_close(layer.base_weight, originals[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(lora, inputs), unmerged, atol=atol, rtol=0)
+    if unload:
+        plain = lora.merge_and_unload()
+        assert lora_modules(plain) == []
+        assert not any("lora_" in name or "base_layer" in name for name, _ in plain.named_parameters())
+        torch.testing.assert_close(run(plain, inputs), unmerged, atol=atol, rtol=0)
+    return unmerged
+
+
 def run(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
     out = model(inputs, **kwargs)
     return out.logits if hasattr(out, "logits") else out
@@ -93,7 +112,9 @@ class Case:
     mixable: bool = True  # expert tensors cannot take a different adapter per row
 
     def config(self, **overrides) -> LoraConfig:
-        return LoraConfig(**{"r": 4, "alpha": 8, **self.lora, **overrides})
+        # AdaLoRA reads no `r` (its ranks are adalora.init_r / target_r): the case's rank is for the others.
+        rank = {} if self.lora.get("method") == "adalora" else {"r": 4}
+        return LoraConfig(**{**rank, "alpha": 8, **self.lora, **overrides})
 
 
 CASES = [

@@ -17,7 +17,7 @@ import uvicorn
 
 from conftest import CORPUS, perturb
 from loraforge import LoraConfig, LoraModel
-from loraforge.evaluate import generate_answers, running
+from loraforge.evaluate import generate_answers
 from loraforge.models import load_model
 from loraforge.serve import build_server
 from loraforge.serve.api import Limits, Server, create_app
@@ -62,7 +62,7 @@ def reference_model(model_dir: Path, root: Path) -> tuple[LoraModel, object, dic
 def offline_answer(reference, adapter: str | None, messages: list[dict], max_tokens: int = MAX_TOKENS) -> str:
     """What `loraforge chat --adapter DIR --prompt …` prints (greedy, one prompt, no padding)."""
     lora, tokenizer, names = reference
-    with running(lora, names[adapter] if adapter else None):
+    with lora.using(names[adapter] if adapter else None):
         return generate_answers(lora, tokenizer, [messages], max_new_tokens=max_tokens, batch_size=1)[0]
 
 

@@ -86,20 +86,15 @@ def test_derive_replaces_dotted_keys_and_validates(tiny_model_dir, small_data):
         derive(base, {"lora.r": 0})
 
 
-def test_compare_reports_full_and_lora_on_the_same_budget(tiny_model_dir, small_data, tmp_path, monkeypatch):
-    def no_qlora(*args, **kwargs):
-        raise NotImplementedError("QLoRA is not built yet")
-
-    import loraforge.quant
-
-    monkeypatch.setattr(loraforge.quant, "quantize_model", no_qlora, raising=False)
+def test_compare_reports_full_lora_and_qlora_on_the_same_budget(tiny_model_dir, small_data, tmp_path):
     output = tmp_path / "cmp"
     assert main(["compare", *_overrides(tiny_model_dir, small_data, "max_steps=2", "eval_every=1"),
                  "--output", str(output),
                  "--full-lr", "1e-3", "--lora-lr", "1e-2"]) == 0
     data = json.loads((output / "compare.json").read_text())
-    assert "NotImplementedError" in data["skipped"]["qlora"]
-    full, lora = data["runs"]
+    assert not data["skipped"]
+    full, lora, qlora = data["runs"]
+    assert qlora["arm"] == "qlora" and qlora["steps"] == 2 and qlora["general_before"] != lora["general_before"]
     assert (full["arm"], lora["arm"]) == ("full", "lora") and (full["lr"], lora["lr"]) == (1e-3, 1e-2)
     assert full["steps"] == lora["steps"] == 2
     assert full["trainable"] > lora["trainable"] and full["file_mb"] > 5 * lora["file_mb"]
@@ -111,7 +106,7 @@ def test_compare_reports_full_and_lora_on_the_same_budget(tiny_model_dir, small_
     assert full["general_before"] == lora["general_before"] != full["general_after"]
     assert full["peak_mb"] > 0 and lora["peak_mb"] > 0
     page = (output / "compare.html").read_text()
-    assert page.count("<img") == 2 and "qlora arm skipped" in page and "vs full" in page
+    assert page.count("<img") == 2 and "skipped" not in page and "vs full" in page and "qlora" in page
     assert (output / "full" / "model" / "model.safetensors").exists()
     assert (output / "lora" / "adapter" / "adapter_model.safetensors").exists()
 

@@ -122,13 +122,15 @@ def _saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("mode,lora_values", [
-    ("full", {}),
-    ("lora", {"targets": "all-linear"}),
-    ("lora", {"targets": ["q_proj", "v_proj"]}),
-    ("lora", {"targets": "all-linear", "dropout": 0.1}),
+# docs/estimate.md quotes these bounds: within 0.5% without dropout, 3% with it (dropout's masks are counted as
+# one byte per element; autograd's bookkeeping differs slightly by shape).
+@pytest.mark.parametrize("mode,lora_values,tolerance", [
+    ("full", {}, 0.005),
+    ("lora", {"targets": "all-linear"}, 0.005),
+    ("lora", {"targets": ["q_proj", "v_proj"]}, 0.005),
+    ("lora", {"targets": "all-linear", "dropout": 0.1}, 0.03),
 ])
-def test_activation_estimate_matches_what_autograd_keeps(mode, lora_values, tmp_path):
+def test_activation_estimate_matches_what_autograd_keeps(mode, lora_values, tolerance, tmp_path):
     config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, vocab_size=96, max_position_embeddings=128)
     (tmp_path / "config.json").write_text(config.to_json_string())
@@ -148,7 +150,7 @@ def test_activation_estimate_matches_what_autograd_keeps(mode, lora_values, tmp_
                                                               precision="fp32"), dtype="fp32")
     targets = int((batch["labels"][:, 1:] != -100).sum())
     predicted = est.memory[mode].activations + targets * 96 * 4  # + the saved log-probabilities
-    assert predicted == pytest.approx(measured, rel=0.04)
+    assert predicted == pytest.approx(measured, rel=tolerance)
 
 
 # -- advisors ---------------------------------------------------------------------------------------------

@@ -157,3 +157,17 @@ def test_save_replaces_files_atomically(tmp_path):
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+def test_a_failed_load_on_a_model_without_adapters_leaves_it_as_it_was(tmp_path):
+    source = LoraModel(make_model("llama"), LoraConfig(r=2, targets=["q_proj"]))
+    source.save(tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    (tmp_path / "good" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))  # tensors say 2
+    lora = LoraModel(make_model("llama"))
+    with pytest.raises(AdapterFileError, match="rank 2 in the file"):
+        lora.load_adapter(tmp_path / "good", "x")
+    assert lora.active_adapters == () and not lora.configs
+    with lora.disable_adapters():  # raised "unknown adapter(s) ['x']" on the way out before
+        pass
+    assert lora.active_adapters == ()

@@ -150,7 +150,8 @@ def test_bf16_stored_base_trains_like_its_widened_copy(arch):
 
 
 def test_releasing_the_checkpoint_map_keeps_values_and_ties(tiny_model_dir):
-    from loraforge.models import load_model, release_checkpoint_mapping
+    from loraforge.memory import release_checkpoint_mapping
+    from loraforge.models import load_model
     from loraforge.hardware import compact_cpu_allocator
 
     model, _ = load_model(tiny_model_dir)
@@ -182,13 +183,13 @@ def test_fused_swiglu_mlp_equals_the_separate_ops_and_keeps_less(arch):
     from conftest import make_inputs, make_model, perturb
 
     from loraforge import LoraModel
-    from loraforge.lora.model import _fused_mlp_forward
+    from loraforge.lora.fused_mlp import fused_mlp_forward
 
     lora = LoraModel(make_model(arch), LoraConfig(r=4, alpha=8, targets="all-linear"))
     perturb(lora, "default")
     lora.train()
     mlps = [m for m in lora.model.modules() if type(m).__name__.endswith("MLP")]
-    assert mlps and all(m.forward.func is _fused_mlp_forward for m in mlps)
+    assert mlps and all(m.forward.func is fused_mlp_forward for m in mlps)
     inputs = make_inputs(arch)
     params = [p for p in lora.parameters() if p.requires_grad]
 

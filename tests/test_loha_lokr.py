@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, Case, lora_modules, make_inputs, make_model, perturb, run
+from conftest import DEVICE, Case, check_merge_round_trip, make_inputs, make_model, perturb, run
 from torch import nn
 
-from loraforge import AdapterError, LoraConfig, LoraModel
-from loraforge.config import load_train_config
+from loraforge import AdapterError, ConfigError, LoraConfig, LoraModel
+from loraforge.config import load_train_config, parse_section
 from loraforge.demo import DEMO_DATA
 from loraforge.lora.files import adapter_state, read_adapter_files
 from loraforge.lora.lokr import factorization
@@ -107,19 +107,9 @@ def test_fresh_is_exactly_the_base_because_one_factor_is_zero(case):
 
 
 def test_merge_matches_unmerged_and_unmerge_restores(case):
-    inputs = _inputs(case.arch)
     lora = LoraModel(_model(case.arch), case.config())
     perturb(lora, "default")
-    unmerged = run(lora, inputs)
-    originals = {n: layer.base_weight.detach().clone() for n, layer in lora.lora_layers()}
-    lora.merge()
-    torch.testing.assert_close(run(lora, inputs), unmerged, atol=ATOL, rtol=0)
-    lora.unmerge()
-    for name, layer in lora.lora_layers():
-        torch.testing.assert_close(layer.base_weight, originals[name], atol=1e-6, rtol=0)
-    plain = lora.merge_and_unload()
-    assert lora_modules(plain) == []
-    torch.testing.assert_close(run(plain, inputs), unmerged, atol=ATOL, rtol=0)
+    check_merge_round_trip(lora, _inputs(case.arch), ATOL)
 
 
 def test_save_load_and_peft_both_ways_with_peft_tensor_layout(case, tmp_path):
@@ -298,8 +288,9 @@ def test_what_peft_lacks_is_refused_with_a_clear_error():
         LoraModel(make_model("gpt2"), LoraConfig(method="loha", targets=["c_attn"]))
     with pytest.raises(AdapterError, match="not Embedding"):
         LoraModel(make_model("llama"), LoraConfig(method="lokr", targets=["embed_tokens"]))
-    with pytest.raises(AdapterError, match=r"\['dropout', 'use_rslora'\] are LoRA options"):
-        LoraModel(make_model("llama"), LoraConfig(method="lokr", targets=["q_proj"], dropout=0.1, use_rslora=True))
+    with pytest.raises(ConfigError, match=r"lora\.dropout: a LoRA option that method=lokr does not have"):
+        parse_section(LoraConfig, {"method": "lokr", "targets": ["q_proj"], "dropout": 0.1, "use_rslora": True},
+                      where="lora")
     with pytest.raises(AdapterError, match="is a LoKr option"):
         LoraModel(make_model("llama"), LoraConfig(method="loha", targets=["q_proj"],
                                                   lycoris={"init_weights": "lycoris"}))

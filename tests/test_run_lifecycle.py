@@ -36,8 +36,9 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def _overrides(tiny_model_dir, small_data, output, *extra) -> list[str]:
+    rank = [] if "lora.method=adalora" in extra else ["lora.r=4"]  # AdaLoRA's ranks are lora.adalora.*
     return [f"model={tiny_model_dir}", f"data={small_data}", f"output={output}", "batch_size=4", "max_steps=6",
-            "lr=5e-3", "lora.r=4", "lora.dropout=0.1", "eval_every=3", "compare=false", "tensorboard=false",
+            "lr=5e-3", *rank, "lora.dropout=0.1", "eval_every=3", "compare=false", "tensorboard=false",
             "report=false", "max_seq_len=128", *extra]
 
 

@@ -58,6 +58,10 @@ def root(tiny_model_dir, adapters_root, tmp_path_factory):  # noqa: F811
 
     _save(LoraModel(load_model(str(tiny_model_dir))[0], LoraConfig(r=2, targets=["q_proj"], use_dora=True)),
           root / "dora")
+    for method in ("adalora", "loha"):  # methods the core runs in mixed batches: served like plain LoRA
+        options = {"adalora": {"init_r": 4, "target_r": 2, "total_step": 10}} if method == "adalora" else {}
+        _save(LoraModel(load_model(str(tiny_model_dir))[0], LoraConfig(method=method, targets=["q_proj", "v_proj"],
+                                                                       **options)), root / method)
     return root
 
 
@@ -216,6 +220,31 @@ def test_a_failure_inside_generation_is_a_500_without_a_traceback(url, server, m
 
     monkeypatch.setattr(server.engine, "_decode", broken)
     message = _error(_post(url, json={"model": "tiny-base", "messages": HELLO, "max_tokens": 4}), 500)
-    assert "kernel exploded" in message
+    assert "RuntimeError" in message and "server log" in message
+    assert "kernel exploded" not in message  # the engine's exception text stays in the server's log
     monkeypatch.undo()
     assert _post(url, json={"model": "tiny-base", "messages": HELLO, "max_tokens": 4}).status_code == 200
+
+
+def test_a_seed_beyond_torchs_range_is_400_and_a_failed_start_releases_the_adapter(api, url, server, monkeypatch):
+    """Seeds ≥ 2⁶³ once raised inside submit and left the adapter pinned for good (unload refused, slots full)."""
+    assert "seed" in _error(_post(url, json={"model": "ok", "messages": HELLO, "temperature": 0.5,
+                                             "seed": 2**64}), 400)
+
+    def broken_submit(generations):
+        raise RuntimeError("engine refused")
+
+    monkeypatch.setattr(server.engine, "submit", broken_submit)
+    for _ in range(2):
+        message = _error(_post(url, json={"model": "ok", "messages": HELLO}), 500)
+        assert "RuntimeError" in message and "engine refused" not in message
+    monkeypatch.undo()
+    assert server.registry.resident().get("ok", 0) == 0  # no pin left behind
+    assert api.chat.completions.create(model="other", messages=HELLO).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("method", ["adalora", "loha"])
+def test_every_method_the_core_mixes_per_row_is_served(api, server, method):
+    """The server asks the core (LoraModel.mixed_batch_refusal) instead of a list of its own: it refused AdaLoRA."""
+    answer = api.chat.completions.create(model=method, messages=HELLO, max_tokens=4)
+    assert answer.choices[0].message.content is not None and answer.model == method

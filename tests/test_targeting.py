@@ -101,3 +101,27 @@ def test_comma_separated_targets_are_a_list_of_names_as_in_llama_factory():
     assert LoraConfig(targets="self_attn.q_proj, mlp.up_proj").targets == ["self_attn.q_proj", "mlp.up_proj"]
     assert LoraConfig(targets=r"layers\.[0-1]\.(q|v)_proj").targets == r"layers\.[0-1]\.(q|v)_proj"  # a regex
     assert LoraConfig(targets=r"q_proj{1,2}").targets == r"q_proj{1,2}"  # a comma inside a regex stays a regex
+
+
+@pytest.mark.parametrize("method,values,key", [
+    ("adalora", {"r": 16}, "r"),  # AdaLoRA's ranks are adalora.init_r / target_r: r was printed and ignored
+    ("adalora", {"use_dora": True}, "use_dora"),
+    ("loha", {"dropout": 0.1}, "dropout"),
+    ("lokr", {"plus_ratio": 16}, "plus_ratio"),
+    ("lora", {"adalora": {"target_r": 4}}, "adalora"),
+    ("lora", {"lycoris": {"rank_dropout": 0.1}}, "lycoris"),
+])
+def test_an_option_the_method_does_not_read_is_an_error_naming_the_key(method, values, key):
+    with pytest.raises(ConfigError, match=rf"lora\.{key}: .*method={method}"):
+        parse_section(LoraConfig, {"method": method, **values}, where="lora")
+
+
+def test_a_saved_config_of_every_method_parses_back():
+    """config.yaml holds every field, defaults included: none of them counts as set for another method."""
+    import yaml
+
+    from loraforge.config import config_to_yaml, load_train_config
+
+    for method in ("lora", "loha", "lokr", "adalora"):
+        config = load_train_config(None, [f"lora.method={method}"])
+        assert parse_section(LoraConfig, yaml.safe_load(config_to_yaml(config))["lora"], where="lora") == config.lora

@@ -162,7 +162,7 @@ def test_lora_plus_gives_b_a_larger_learning_rate(tiny_model_dir):
     config = TrainConfig(lr=1e-3, lora={"r": 2, "plus_ratio": 16})
     lora = LoraModel(load_model(str(tiny_model_dir))[0], config.lora)
     groups = parameter_groups(lora, config)
-    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3] and [g["name"] for g in groups] == ["adapter", "lora_B"]
     names = {id(p): n for n, p in lora.named_parameters()}
     assert {names[id(p)].split(".")[-3] for p in groups[0]["params"]} == {"lora_A"}
     assert {names[id(p)].split(".")[-3] for p in groups[1]["params"]} == {"lora_B"}

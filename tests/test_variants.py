@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import Case, lora_modules, make_inputs, make_model, perturb, run
+from conftest import Case, check_merge_round_trip, make_inputs, make_model, perturb, run
 from loraforge import AdapterError, AdapterFileError, LoraModel
 
 ATOL = 1e-5
@@ -55,20 +55,9 @@ def test_fresh_equals_base_and_perturbed_differs(variant):
 
 
 def test_merge_unmerge_merge_and_unload(variant):
-    inputs = make_inputs(variant.arch)
     lora = _adapted(variant)
     perturb(lora, "default")
-    unmerged = run(lora, inputs)
-    originals = {n: layer.base_weight.detach().clone() for n, layer in lora.lora_layers()}
-    lora.merge()
-    torch.testing.assert_close(run(lora, inputs), unmerged, atol=ATOL, rtol=0)
-    lora.unmerge()
-    for name, layer in lora.lora_layers():
-        torch.testing.assert_close(layer.base_weight, originals[name], atol=1e-6, rtol=0)
-    torch.testing.assert_close(run(lora, inputs), unmerged, atol=ATOL, rtol=0)
-    plain = lora.merge_and_unload()
-    assert lora_modules(plain) == []
-    torch.testing.assert_close(run(plain, inputs), unmerged, atol=ATOL, rtol=0)
+    check_merge_round_trip(lora, make_inputs(variant.arch), ATOL)
 
 
 def test_save_then_load_into_the_original_base(variant, tmp_path):
@@ -159,15 +148,17 @@ def test_dora_trains_the_magnitude_and_refuses_mixed_batches():
     perturb(lora, "default", std=0.05)
     lora.train()
     run(lora, make_inputs("llama")).pow(2).mean().backward()
-    magnitude = lora.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"]
+    magnitude = lora.model.model.layers[0].self_attn.q_proj.peft_tensors("default")["lora_magnitude_vector"]
     assert magnitude.grad is not None and magnitude.grad.abs().sum() > 0
     with pytest.raises(AdapterError, match="DoRA adapters cannot run in mixed-adapter batches"):
         run(lora, make_inputs("llama"), adapter_names=["default", None, "default"])
 
 
 def test_dora_and_pissa_refuse_non_linear_layers():
-    with pytest.raises(AdapterError, match="DoRA and PiSSA are implemented for Linear layers"):
+    with pytest.raises(AdapterError, match="DoRA is implemented for Linear layers, not Embedding"):
         LoraModel(make_model("llama"), VARIANTS[0].config(targets=["embed_tokens"]))
+    with pytest.raises(AdapterError, match="PiSSA and DoRA are implemented for Linear layers, not Embedding"):
+        LoraModel(make_model("llama"), VARIANTS[2].config(targets=["embed_tokens"], use_dora=True))
 
 
 def test_one_module_holds_one_method():

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loraforge.config import AdaLoraOptions, LoraConfig
 from loraforge.errors import AdapterError, AdapterFileError, ConfigError
-from loraforge.lora.layers import LoraLayer, LoraLinear, adapter_dtype
+from loraforge.lora.layers import LowRankLinear, adapter_dtype
 from loraforge.lora.methods import Method, _lora_from_peft, _lora_to_peft
 
 if TYPE_CHECKING:
@@ -39,33 +39,22 @@ TENSOR_NAMES = ("lora_A", "lora_E", "lora_B")
 MASK_SUFFIX = ".lora_E"  # PEFT keys rank_pattern by the Λ tensor of each module
 
 
-class AdaLoraLinear(LoraLayer):
+class AdaLoraLinear(LowRankLinear):
     """nn.Linear or GPT-2 Conv1D: h = W0·x + b + s·B·(A⊙E)·dropout(x), E (r × 1) the singular values."""
+
+    min_rank = 0  # a module pruned to rank 0 is legal (PEFT produces them on small budgets)
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # W0 stored as (fan_in, fan_out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # not the weight's shape: a 4-bit weight is stored packed
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
 
-    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
-        # Not LoraLayer's alpha/r: PEFT scales by alpha / (ranknum + 1e-5) with ranknum = init_r in every module,
-        # and a module pruned to rank 0 is legal.
-        if name in self.ranks:
-            raise AdapterError(f"adapter {name!r} already exists on this layer")
-        self._stack_cache = None
-        self.ranks[name] = r
-        self.scaling[name] = alpha / (config.adalora.init_r + RANKNUM_EPS)
-        self.dropout_p[name] = config.dropout
-        self._create_factors(name, r, config)
+    def _scale(self, alpha: float, r: int, config: LoraConfig) -> float:
+        # Not alpha/r: PEFT scales by alpha / (ranknum + 1e-5) with ranknum = init_r in every module.
+        return alpha / (config.adalora.init_r + RANKNUM_EPS)
 
     def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
-        _refuse_lora_only_options(config)
         kw = dict(device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Parameter(torch.randn(r, self.in_features, **kw) * INIT_STD)
         self.lora_E[name] = nn.Parameter(torch.zeros(r, 1, **kw))
@@ -78,14 +67,6 @@ class AdaLoraLinear(LoraLayer):
         a, b = self.factors(name)
         x = self._dropout(x.to(a.dtype), name)
         return (x @ a.T) @ b.T
-
-    # Mixed batches are LoRA's row-wise products, since factors() already folds Λ into A.
-    _mixed_output = LoraLinear._mixed_output
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.factors(name)
-        delta = (b @ a) * self.scaling[name]
-        return delta.T if self.fan_in_fan_out else delta
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {tensor_name: getattr(self, tensor_name)[name] for tensor_name in TENSOR_NAMES}
@@ -100,21 +81,6 @@ class AdaLoraLinear(LoraLayer):
             param.data = param.data.index_select(dim, index)
             param.grad = None
         self.ranks[name] = int(index.numel())
-
-
-def _refuse_lora_only_options(config: LoraConfig) -> None:
-    """Options PEFT's AdaLoRA does not have (or ignores), which would make our file mean something else there."""
-    used = {
-        "use_dora": config.use_dora, "use_rslora": config.use_rslora, "init": config.init != "kaiming",
-        "alpha_pattern": bool(config.alpha_pattern), "target_parameters": bool(config.target_parameters),
-        "rank_pattern": bool(config.rank_pattern) and not config.adalora.rank_pattern,
-    }
-    used = [key for key, is_set in used.items() if is_set]
-    if used:
-        raise AdapterError(
-            f"{used} are LoRA options that method=adalora does not have; leave them at their defaults (AdaLoRA "
-            "starts every module at adalora.init_r and sets the ranks itself, scaled by alpha / init_r)"
-        )
 
 
 def _wrap(module: nn.Module) -> AdaLoraLinear:

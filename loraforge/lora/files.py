@@ -20,7 +20,7 @@ from loraforge.atomic import write_file, write_text
 from loraforge.config import LoraConfig, parse_section
 from loraforge.errors import AdapterFileError, ConfigError
 from loraforge.lora.layers import LoraLayer, LoraLinear, ModulesToSave
-from loraforge.lora.methods import method, method_for_peft_type
+from loraforge.lora.method_table import method, method_for_peft_type
 from loraforge.lora.targeting import expanded_target_names
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ def from_peft_config(raw: dict, where: Path) -> LoraConfig:
         "modules_to_save": raw.get("modules_to_save") or [],
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
     }
+    if adapter_method.name == "adalora":
+        del common["r"]  # PEFT writes its unused default; our AdaLoRA config refuses an r it would not read
     try:
         values = {**common, **adapter_method.from_peft(raw)}
     except AdapterFileError as exc:
@@ -111,30 +113,30 @@ def save_adapter(lora: LoraModel, name: str, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state(lora, name)
     peft_config = to_peft_config(lora, name)
-    if lora.configs[name].init.startswith("pissa"):
-        tensors, peft_config = _pissa_as_plain_lora(lora, name, tensors, peft_config)
+    tensors, peft_config = _as_plain_lora(lora, name, tensors, peft_config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     write_file(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     write_text(directory / CONFIG_FILE, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
 
 
-def _pissa_as_plain_lora(lora: LoraModel, name: str, tensors: dict, peft_config: dict) -> tuple[dict, dict]:
-    """A PiSSA adapter rewritten as a rank-2r LoRA for the original base (see pissa.py); rank and alpha of
-    each converted module go into rank_pattern / alpha_pattern under its full name."""
-    from loraforge.lora.pissa import as_plain_lora, doubled_alpha
-
-    config = lora.configs[name]
+def _as_plain_lora(lora: LoraModel, name: str, tensors: dict, peft_config: dict) -> tuple[dict, dict]:
+    """The adapter as plain LoRA for the original base where a variant says it is not one as it stands (PiSSA:
+    rank 2r, see pissa.py); rank and alpha of each converted module go into rank_pattern / alpha_pattern under
+    its full name."""
     tensors = dict(tensors)
     rank_pattern, alpha_pattern = {}, {}  # full names first: the first matching pattern wins
     for module_name, layer in lora.lora_layers():
-        if name not in getattr(layer, "pissa_initial", {}):
+        if name not in layer.ranks:
             continue
         prefix = f"{KEY_PREFIX}{module_name}."
-        converted = as_plain_lora(layer, name, {k: tensors[prefix + k] for k in ("lora_A.weight", "lora_B.weight")})
-        tensors.update({prefix + k: v for k, v in converted.items()})
-        alpha = layer.scaling[name] * (layer.ranks[name] ** 0.5 if config.use_rslora else layer.ranks[name])
-        rank_pattern[module_name] = 2 * layer.ranks[name]
-        alpha_pattern[module_name] = doubled_alpha(alpha, config.use_rslora)
+        for variant in layer.variants(name):
+            own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            plain = variant.as_plain_lora(layer, name, own)
+            if plain is not None:
+                converted, rank_pattern[module_name], alpha_pattern[module_name] = plain
+                tensors.update({prefix + k: v for k, v in converted.items()})
+    if not rank_pattern:
+        return tensors, peft_config
     return tensors, {**peft_config, "rank_pattern": {**rank_pattern, **peft_config["rank_pattern"]},
                      "alpha_pattern": {**alpha_pattern, **peft_config["alpha_pattern"]}}
 

@@ -25,6 +25,8 @@ from transformers.pytorch_utils import Conv1D
 from loraforge.config import LoraConfig
 from loraforge.errors import AdapterError, MergeError
 from loraforge.lora.fused import frozen_linear_with_lora
+from loraforge.lora.variant import LoraVariant
+from loraforge.lora.variants import variants_for
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
 
 
 def _refuse_linear_only_options(config: LoraConfig, kind: str) -> None:
-    if config.use_dora or config.init.startswith("pissa"):
-        raise AdapterError(f"DoRA and PiSSA are implemented for Linear layers, not {kind}; narrow the targets")
+    variants = [type(v).__name__ for v in variants_for(config)]
+    if variants:
+        raise AdapterError(f"{' and '.join(variants)} {'is' if len(variants) == 1 else 'are'} implemented for Linear "
+                           f"layers, not {kind}; narrow the targets")
 
 
 def init_lora_a(weight: torch.Tensor, scheme: str) -> None:
@@ -105,6 +109,10 @@ class LoraLayer(nn.Module):
         """The adapter's parameters under PEFT's names relative to this module ('lora_A.weight', …)."""
         raise NotImplementedError
 
+    def variants(self, name: str) -> Sequence[LoraVariant]:
+        """The variant objects of adapter `name` (variant.py); only LoraLinear has any."""
+        return ()
+
     @property
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
@@ -116,17 +124,24 @@ class LoraLayer(nn.Module):
         return dequantized_weight(self.base_layer, self.base_weight)
 
     # -- adapters ------------------------------------------------------------------------------
+    min_rank = 1
+
     def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
         """Add adapter `name` with this layer's rank and alpha (rank/alpha patterns already applied)."""
         if name in self.ranks:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
-        if r < 1:
-            raise AdapterError(f"rank {r} for adapter {name!r}: LoRA ranks must be at least 1 (check rank_pattern)")
+        if r < self.min_rank:
+            raise AdapterError(f"rank {r} for adapter {name!r}: ranks must be at least {self.min_rank} (check "
+                               "rank_pattern)")
         self._stack_cache = None
         self.ranks[name] = r
-        self.scaling[name] = alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.scaling[name] = self._scale(alpha, r, config)
         self.dropout_p[name] = config.dropout
         self._create_factors(name, r, config)
+
+    def _scale(self, alpha: float, r: int, config: LoraConfig) -> float:
+        """s in h = W0·x + s·ΔW(x): alpha/r, or alpha/√r with rsLoRA (Kalajdzievski 2023)."""
+        return alpha / (math.sqrt(r) if config.use_rslora else r)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -205,9 +220,8 @@ class LoraLayer(nn.Module):
         present = [n for n in plan.names if n in self.ranks]
         if not present:
             return None
-        if any(n in getattr(self, "lora_magnitude_vector", ()) for n in present):
-            raise AdapterError("DoRA adapters cannot run in mixed-adapter batches (their scale depends on the "
-                               "whole weight); merge them, or give every row the same adapter")
+        for variant in (v for n in present for v in self.variants(n) if not v.mixable):
+            raise AdapterError(f"{variant.not_mixable_because}; merge them, or give every row the same adapter")
         r_max = max(self.ranks[n] for n in present)
         ref_a, ref_b = self.factors(present[0])
         zero_a = ref_a.new_zeros(r_max, ref_a.shape[1])
@@ -278,7 +292,7 @@ class LoraLayer(nn.Module):
         if not self.base_weight.is_floating_point():
             raise MergeError(
                 f"{where or type(self.base_layer).__name__} holds a quantized weight; merge it with "
-                "loraforge.quant.merge_quantized (dequantize, merge, optionally re-quantize), or `loraforge merge`"
+                "loraforge.merge.merge_quantized (dequantize, merge, optionally re-quantize), or `loraforge merge`"
             )
         if safe:
             self.check_mergeable(todo, where)
@@ -293,8 +307,9 @@ class LoraLayer(nn.Module):
             weight.copy_(self._unmerge_one(weight.to(adapter_dtype(weight)), name).to(weight.dtype))
 
 
-class LoraLinear(LoraLayer):
-    """nn.Linear or GPT-2 Conv1D: h = W0·x + b + s·B·A·dropout(x). Conv1D stores W0 as (fan_in, fan_out)."""
+class LowRankLinear(LoraLayer):
+    """nn.Linear or GPT-2 Conv1D whose adapters add s·B·A for the factors() of each (LoRA's B·A, AdaLoRA's
+    P·(Λ⊙Q)): the sizes, ΔW and the mixed-batch products they share. Conv1D stores W0 as (fan_in, fan_out)."""
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__(base_layer)
@@ -303,10 +318,28 @@ class LoraLinear(LoraLayer):
         fan_in, fan_out = base_layer.weight.shape if self.fan_in_fan_out else (base_layer.in_features,
                                                                                 base_layer.out_features)
         self.in_features, self.out_features = fan_in, fan_out
+
+    def _mixed_output(self, x, rows, a, b, scale, drop):
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (batch, tokens, fan_in)
+        tokens = self._row_dropout(tokens, rows, drop)
+        hidden = torch.bmm(tokens, a[rows].transpose(1, 2))  # (batch, tokens, r)
+        out = torch.bmm(hidden, b[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.factors(name)
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraLinear(LowRankLinear):
+    """nn.Linear or GPT-2 Conv1D: h = W0·x + b + s·B·A·dropout(x)."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
-        self.dora_merge_factor: dict[str, torch.Tensor] = {}
+        self.lora_variants = nn.ModuleDict()  # adapter name → its variant objects (DoRA, PiSSA), when it has any
 
     def _create_factors(self, name: str, r: int, config: LoraConfig) -> None:
         kw = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
@@ -314,14 +347,14 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
         init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
-        if config.init.startswith("pissa"):
-            from loraforge.lora.pissa import init_pissa
+        variants = variants_for(config)
+        if variants:
+            self.lora_variants[name] = nn.ModuleList(variants)
+            for variant in variants:
+                variant.init(self, name)
 
-            init_pissa(self, name, config.init)
-        if config.use_dora:
-            from loraforge.lora.dora import init_magnitude
-
-            init_magnitude(self, name)
+    def variants(self, name: str) -> Sequence[LoraVariant]:
+        return self.lora_variants[name] if name in self.lora_variants else ()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = None if args or kwargs else self._fused_adapter()
@@ -350,7 +383,7 @@ class LoraLinear(LoraLayer):
             return None
         name = self.active_adapters[0]
         base = self.base_layer
-        if (name not in self.ranks or name in self.lora_magnitude_vector
+        if (name not in self.ranks or not all(v.fusable for v in self.variants(name))
                 or (self.dropout_p[name] and self.training) or type(base) not in (nn.Linear, Conv1D)
                 or base._forward_hooks or base._forward_pre_hooks
                 or not base.weight.is_floating_point() or base.weight.requires_grad
@@ -359,10 +392,10 @@ class LoraLinear(LoraLayer):
         return name
 
     def _add_update(self, result: torch.Tensor, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            from loraforge.lora.dora import dora_term
-
-            return result + dora_term(self, x, name, base_out)
+        for variant in self.variants(name):
+            term = variant.forward_term(self, x, name, base_out)
+            if term is not None:
+                return result + term
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         # Under autocast the adapter runs in the autocast dtype like the base: casting x up to the fp32 factors
         # first would only add a copy of x per layer that autograd keeps for backward.
@@ -376,16 +409,18 @@ class LoraLinear(LoraLayer):
         return fused.view(result.shape)
 
     def _merge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._merge_one(weight, name)
-        from loraforge.lora.dora import merge_dora
-
-        return merge_dora(self, weight, name)
+        for variant in self.variants(name):
+            merged = variant.merge(self, weight, name)
+            if merged is not None:
+                return merged
+        return super()._merge_one(weight, name)
 
     def _unmerge_one(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._unmerge_one(weight, name)
-        return weight / self.dora_merge_factor.pop(name) - self.delta_weight(name).detach().to(weight.dtype)
+        for variant in self.variants(name):
+            unmerged = variant.unmerge(self, weight, name)
+            if unmerged is not None:
+                return unmerged
+        return super()._unmerge_one(weight, name)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -394,22 +429,10 @@ class LoraLinear(LoraLayer):
         x = self._dropout(x.to(self.lora_A[name].weight.dtype), name)
         return self.lora_B[name](self.lora_A[name](x))
 
-    def _mixed_output(self, x, rows, a, b, scale, drop):
-        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (batch, tokens, fan_in)
-        tokens = self._row_dropout(tokens, rows, drop)
-        hidden = torch.bmm(tokens, a[rows].transpose(1, 2))  # (batch, tokens, r)
-        out = torch.bmm(hidden, b[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.factors(name)
-        delta = (b @ a) * self.scaling[name]
-        return delta.T if self.fan_in_fan_out else delta
-
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         tensors = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
-        if name in self.lora_magnitude_vector:
-            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        for variant in self.variants(name):
+            tensors.update(variant.file_tensors(self, name))
         return tensors
 
 

@@ -6,7 +6,7 @@ rank-r product (`lokr_w*_a` · `lokr_w*_b`) only where r is below half its large
 `decompose_both`); a decomposed W2 on a k×k Conv2d with `use_effective_conv2d` is a Tucker form with an
 r×r×kh×kw core (`lokr_t2`). W1 (or W1a) starts at zero, so a fresh adapter changes nothing
 (init_weights=True); init_weights='lycoris' zeroes W2 (or W2b) instead, as the LyCORIS repository.
-The layer plumbing (dropouts, applying ΔW, mixed batches) is shared with LoHa: loha.LycorisLayer.
+The layer plumbing (dropouts, applying ΔW, mixed batches) is shared with LoHa: lycoris.LycorisLayer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loraforge.config import LycorisOptions
-from loraforge.lora.loha import LycorisLayer, lycoris_from_peft, lycoris_to_peft, tucker
+from loraforge.lora.lycoris import LycorisLayer, lycoris_from_peft, lycoris_to_peft, tucker
 from loraforge.lora.methods import Method
 
 

@@ -1,5 +1,6 @@
-"""Adapter methods: which layer class holds each method's update, and how each reads and writes PEFT's
-`adapter_config.json`. LoRA's layers live in layers.py; each other method is one short module beside it.
+"""What an adapter method is: which layer class holds its update, and how it reads and writes PEFT's
+`adapter_config.json`; and LoRA's own. LoRA's layers live in layers.py; each other method is one short module
+beside it that defines its Method; method_table.py lists them all (so no variant imports this module's users).
 
 A method provides
   wrap(module) -> LoraLayer             the wrapper for one base module (raises AdapterError if unsupported)
@@ -18,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from loraforge.errors import AdapterFileError
+from loraforge.lora.layers import wrap_module
 
 
 @dataclass(frozen=True)
@@ -66,28 +68,4 @@ def _lora_from_peft(raw: dict) -> dict:
     }
 
 
-def _wrap_lora(module: nn.Module):
-    from loraforge.lora.layers import wrap_module
-
-    return wrap_module(module)
-
-
-LORA = Method("lora", "LORA", _wrap_lora, _lora_to_peft, _lora_from_peft)
-
-
-def _methods() -> dict[str, Method]:
-    from loraforge.lora import adalora, loha, lokr
-
-    return {m.name: m for m in (LORA, loha.METHOD, lokr.METHOD, adalora.METHOD)}
-
-
-def method(name: str) -> Method:
-    return _methods()[name]
-
-
-def method_for_peft_type(peft_type: str, where: object) -> Method:
-    for candidate in _methods().values():
-        if candidate.peft_type == peft_type:
-            return candidate
-    known = sorted(m.peft_type for m in _methods().values())
-    raise AdapterFileError(f"{where}: peft_type is {peft_type!r}; loraforge reads {known}")
+LORA = Method("lora", "LORA", wrap_module, _lora_to_peft, _lora_from_peft)

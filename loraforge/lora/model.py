@@ -13,42 +13,20 @@ frozen. `LoraModel` is itself an `nn.Module` whose `model` attribute is the wrap
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.activations import SiLUActivation
 
-from loraforge.config import LoraConfig
+from loraforge.config import LoraConfig, unread_options
 from loraforge.errors import AdapterError, MergeError
-from loraforge.lora.fused import swiglu_with_lora
+from loraforge.lora.fused_mlp import install_fused_mlps, remove_fused_mlps
 from loraforge.lora.layers import LoraLayer, LoraLinear, LoraParameter, ModulesToSave, RowAdapters
-from loraforge.lora.methods import method
+from loraforge.lora.method_table import method
 from loraforge.lora.targeting import base_modules, find_targets, pattern_value, unwrap
 
 DEFAULT_ADAPTER = "default"
-# Llama-style MLPs, down(silu(gate(x)) · up(x)) with no biases, that run as one fused node when all three
-# projections carry the same single adapter (lora/fused.py: two fewer intermediate-width tensors kept).
-SWIGLU_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}  # model_type
-
-
-def _fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if all(isinstance(layer, LoraLinear) and layer.base_layer.bias is None for layer in layers):
-        name = layers[0]._fused_adapter()
-        if name is not None and all(layer._fused_adapter() == name for layer in layers[1:]):
-            return swiglu_with_lora(x, [(layer.base_weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                         layer.scaling[name]) for layer in layers])
-    return type(mlp).forward(mlp, x)
-
-
-def _is_swiglu_mlp(module: nn.Module) -> bool:
-    return type(module).__name__ in SWIGLU_MLPS.values() and isinstance(getattr(module, "act_fn", None),
-                                                              (nn.SiLU, SiLUActivation))
-
-
 class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
@@ -72,6 +50,8 @@ class LoraModel(nn.Module):
             raise AdapterError(f"adapter name {name!r} must be non-empty and contain no '.'")
         if config.target_parameters and config.method != "lora":
             raise AdapterError(f"target_parameters (expert tensors) take method=lora only, not {config.method}")
+        for key, reason in unread_options(config):  # also for configs made by model_copy, which skips validation
+            raise AdapterError(f"{key}: {reason}")
         targets = find_targets(self.model, config)
         self.configs[name] = config
         try:
@@ -98,9 +78,7 @@ class LoraModel(nn.Module):
             self.set_active(name)
         else:
             self._broadcast(active_adapters=self.active_adapters)
-        for module in self.model.modules():
-            if _is_swiglu_mlp(module) and "forward" not in module.__dict__:
-                module.forward = functools.partial(_fused_mlp_forward, module)  # falls back when not fusable
+        install_fused_mlps(self.model)  # each falls back to its own forward when not fusable
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; wrappers left with no adapter are replaced by their base module."""
@@ -113,6 +91,9 @@ class LoraModel(nn.Module):
                 self.model.set_submodule(module_name, base)
         self.configs.pop(name, None)
         self.controllers.pop(name, None)
+        if name in self.active_adapters:  # what was active stays so, less the deleted one
+            self._active = tuple(n for n in self.active_adapters if n != name)
+            self._broadcast(active_adapters=self._active)
 
     @staticmethod
     def _layer_options(config: LoraConfig, name: str) -> dict:
@@ -181,14 +162,19 @@ class LoraModel(nn.Module):
         self._broadcast(active_adapters=names)
 
     @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Run the base model inside the block; the previous active set comes back on exit."""
+    def using(self, names: str | Sequence[str] | None) -> Iterator[None]:
+        """Run with these adapters active inside the block (None or an empty list: the base model); the previous
+        active set comes back on exit."""
         previous = self.active_adapters
-        self.set_active(())
+        self.set_active(() if names is None else names)
         try:
             yield
         finally:
             self.set_active(previous)
+
+    def disable_adapters(self) -> contextlib.AbstractContextManager[None]:
+        """Run the base model inside the block; the previous active set comes back on exit."""
+        return self.using(())
 
     @contextlib.contextmanager
     def mixed_batch(self, per_row: Sequence[str | None]) -> Iterator[None]:
@@ -229,6 +215,17 @@ class LoraModel(nn.Module):
             module._gradient_checkpointing_func = checkpointed
             replaced.append((module, original))
         return replaced
+
+    def mixed_batch_refusal(self, name: str) -> str | None:
+        """Why adapter `name` cannot take rows of its own in a mixed batch, or None when it can (every method and
+        layer type can, but DoRA, whose scale depends on the whole weight, and adapted expert tensors, which would
+        need a weight per token). The layers raise the same at forward time; this says it before."""
+        config = self.configs[name]
+        if config.use_dora:
+            return "it is a DoRA adapter (its scale depends on the whole weight)"
+        if config.target_parameters:
+            return "it adapts expert tensors directly (target_parameters), which would need a weight per token"
+        return None
 
     def _check_known(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self.configs]
@@ -305,9 +302,7 @@ class LoraModel(nn.Module):
         return self._unwrap_all(keep_merged=False)
 
     def _unwrap_all(self, keep_merged: bool) -> nn.Module:
-        for module in self.model.modules():
-            if getattr(module.__dict__.get("forward"), "func", None) is _fused_mlp_forward:
-                del module.forward
+        remove_fused_mlps(self.model)
         for module_name, module in list(base_modules(self.model)):
             if isinstance(module, ModulesToSave):
                 self.model.set_submodule(module_name, module.active_module() if keep_merged else module.original_module)

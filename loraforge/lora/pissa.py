@@ -8,6 +8,7 @@ SVD with N power iterations (Halko et al.), minutes faster on large layers at a 
 Files: a PiSSA adapter only makes sense next to its residual base. So that it applies to the ORIGINAL base
 (and loads in PEFT and any LoRA tool), the saved adapter is converted to plain LoRA with rank 2r:
 ΔW = s·B·A − s·B₀·A₀ = s'·[B, −B₀]·[A; A₀] with s' = s (PEFT's path_initial_model_for_weight_conversion).
+Checkpoints keep the live rank-r factors (train/trainee.py), so a resumed run continues on the residual base.
 """
 
 from __future__ import annotations
@@ -17,42 +18,47 @@ import math
 import torch
 
 from loraforge.errors import AdapterError
+from loraforge.lora.variant import LoraVariant
 
 
-def init_pissa(layer, name: str, init: str) -> None:
-    if not layer.base_weight.is_floating_point():
-        raise AdapterError("PiSSA needs the full-precision weight to split; initialise on the unquantized model")
-    r, s = layer.ranks[name], layer.scaling[name]
-    weight = layer.base_weight.detach().to(torch.float32)
-    weight = weight.T if layer.fan_in_fan_out else weight
-    if init == "pissa":
-        u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
-    else:
-        niter = int(init.removeprefix("pissa_niter_"))
-        u, sigma, v = torch.svd_lowrank(weight, q=r, niter=niter)
-        vh = v.T
-    root = (sigma[:r] / s).sqrt()
-    a = root[:, None] * vh[:r]
-    b = u[:, :r] * root[None, :]
-    residual = weight - s * (b @ a)
-    with torch.no_grad():
-        layer.lora_A[name].weight.copy_(a)
-        layer.lora_B[name].weight.copy_(b)
-        base = layer.base_weight
-        base.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.dtype))
-    layer.pissa_initial = getattr(layer, "pissa_initial", {})
-    layer.pissa_initial[name] = (a.clone(), b.clone())
+class PiSSA(LoraVariant):
+    def __init__(self, init: str, use_rslora: bool) -> None:
+        super().__init__()
+        self.niter = None if init == "pissa" else int(init.removeprefix("pissa_niter_"))
+        self.use_rslora = use_rslora
+        # A₀, B₀ as initialised: the file form subtracts them (buffers: not trained, not in the state of others)
+        self.register_buffer("initial_a", None, persistent=False)
+        self.register_buffer("initial_b", None, persistent=False)
 
+    def init(self, layer, name: str) -> None:
+        if not layer.base_weight.is_floating_point():
+            raise AdapterError("PiSSA needs the full-precision weight to split; initialise on the unquantized model")
+        r, s = layer.ranks[name], layer.scaling[name]
+        weight = layer.base_weight.detach().to(torch.float32)
+        weight = weight.T if layer.fan_in_fan_out else weight
+        if self.niter is None:
+            u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+        else:
+            u, sigma, v = torch.svd_lowrank(weight, q=r, niter=self.niter)
+            vh = v.T
+        root = (sigma[:r] / s).sqrt()
+        a = root[:, None] * vh[:r]
+        b = u[:, :r] * root[None, :]
+        residual = weight - s * (b @ a)
+        with torch.no_grad():
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+            base = layer.base_weight
+            base.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.dtype))
+        self.initial_a, self.initial_b = a.clone(), b.clone()
 
-def as_plain_lora(layer, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter's tensors for the original base: [A; A₀] and [B, −B₀] (rank 2r, same scale)."""
-    a0, b0 = layer.pissa_initial[name]
-    return {
-        "lora_A.weight": torch.cat([tensors["lora_A.weight"], a0.to(tensors["lora_A.weight"].dtype)], dim=0),
-        "lora_B.weight": torch.cat([tensors["lora_B.weight"], -b0.to(tensors["lora_B.weight"].dtype)], dim=1),
-    }
-
-
-def doubled_alpha(alpha: float, use_rslora: bool) -> float:
-    """alpha at rank 2r that keeps the scale s of rank r: α/r = α'/2r, or α/√r = α'/√(2r) with rsLoRA."""
-    return alpha * (math.sqrt(2) if use_rslora else 2)
+    def as_plain_lora(self, layer, name: str, tensors: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], int, float]:
+        """[A; A₀] and [B, −B₀] at rank 2r with the same scale: α/r = α'/2r, or α/√r = α'/√(2r) with rsLoRA."""
+        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        converted = {**tensors,
+                     "lora_A.weight": torch.cat([a, self.initial_a.to(a.dtype)], dim=0),
+                     "lora_B.weight": torch.cat([b, -self.initial_b.to(b.dtype)], dim=1)}
+        r = layer.ranks[name]
+        alpha = layer.scaling[name] * (math.sqrt(r) if self.use_rslora else r)
+        return converted, 2 * r, alpha * (math.sqrt(2) if self.use_rslora else 2)

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loraforge.data import render
 from loraforge.errors import AdapterError, AdapterFileError, LoraforgeError
-from loraforge.serve import protocol as wire
+import loraforge.serve.protocol as wire
 from loraforge.serve.engine import Delta, Engine, Event, Failed, Finished, Generation, SamplingParams
 from loraforge.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, GenerationRequest
 from loraforge.serve.registry import AdapterBusy, AdapterNotFound, AdapterRegistry, InvalidAdapterName
@@ -306,10 +306,14 @@ async def _start(server: Server, adapter: str | None, prompts: list[list[int]], 
                    for p, prompt in enumerate(prompts) for c in range(body.n)]
     try:
         server.engine.submit(generations)
-    except LoraforgeError as error:
+    except BaseException as error:  # whatever went wrong, the pin goes: a leaked pin blocks the adapter for good
         if adapter is not None:
             server.registry.release(adapter)
-        raise ApiError(503, str(error), "server_error") from None
+        if isinstance(error, LoraforgeError):
+            raise ApiError(503, str(error), "server_error") from None
+        logger.exception("submitting a generation failed")
+        raise ApiError(500, f"the request could not be started ({type(error).__name__}); the server log has the "
+                            "details", "server_error") from None
     return events, generations
 
 

@@ -213,8 +213,9 @@ class Engine:
                 self._drop_done()
         except Exception as error:  # one bad step fails its rows, not the server
             logger.exception("generation step failed")
+            # The client learns that and what kind; the text (paths, tensor shapes) stays in the server's log.
             self._fail([*dict.fromkeys([*admitted, *self._batch.rows])],
-                       f"generation failed ({type(error).__name__}: {error})")
+                       f"generation failed on the server ({type(error).__name__}); the server log has the details")
             self._batch = RunningBatch(self._cache_keyword)
 
     def _admit(self) -> list[Generation]:

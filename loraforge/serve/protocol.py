@@ -64,7 +64,8 @@ class GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None)
-    seed: int | None = None
+    # Row i of n samples with seed + i; torch takes seeds below 2⁶⁴.
+    seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:

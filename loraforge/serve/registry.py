@@ -151,12 +151,7 @@ class AdapterRegistry:
 
 
 def _check_servable(lora: LoraModel, internal_name: str, name: str) -> None:
-    # One forward runs rows with different adapters (gather + bmm over stacked A and B); these updates do not
-    # decompose per row that way.
-    config = lora.configs[internal_name]
-    reason = ("it is a DoRA adapter" if config.use_dora
-              else f"its method is {config.method}" if config.method != "lora"
-              else "it adapts parameters directly (target_parameters)" if config.target_parameters else None)
+    reason = lora.mixed_batch_refusal(internal_name)
     if reason:
         raise AdapterFileError(
             f"adapter {name!r} cannot be served in mixed-adapter batches: {reason}. Merge it into a model "

@@ -35,8 +35,8 @@ from loraforge.errors import ConfigError, TrainingError
 from loraforge.evaluate import evaluate_loss
 from loraforge.hardware import (autocast_dtype, compact_cpu_allocator, frozen_storage_dtype, resolve_precision)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
-from loraforge.models import (DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model,
-                              release_checkpoint_mapping)
+from loraforge.memory import release_checkpoint_mapping
+from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model
 from loraforge.optim import build_optimizer, build_scheduler
 from loraforge.train.checkpoint import load_checkpoint, save_checkpoint
 from loraforge.train.log import MetricsLog, plot_learning_curve

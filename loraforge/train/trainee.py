@@ -101,7 +101,9 @@ class AdapterTrainee:
     def describe(self) -> str:
         trainable, total = self.lora.trainable_parameters()
         config = self.lora.configs[self.name]
-        return (f"adapter: {config.method} r={config.r} on {sum(1 for _ in self.lora.lora_layers())} layers, "
+        rank = (f"ranks {config.adalora.init_r} → {config.adalora.target_r}" if config.method == "adalora"
+                else f"r={config.r}")
+        return (f"adapter: {config.method} {rank} on {sum(1 for _ in self.lora.lora_layers())} layers, "
                 f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
 
