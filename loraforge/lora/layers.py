@@ -162,11 +162,8 @@ class LoraLayer(nn.Module):
         result = self._base_output(x, *args, **kwargs)
         self._check_merge_state()
         if self.row_adapters is not None:
-            stacked = self._stacked_factors(self.row_adapters)
-            if stacked is None:  # no row's adapter lives in this layer
-                return result
-            self._check_rows(x, self.row_adapters)
-            return result + self._mixed_output(x, self.row_adapters.rows, *stacked).to(result.dtype)
+            update = self._mixed_update(x, self.row_adapters)
+            return result if update is None else result + update.to(result.dtype)
         base = result
         for name in self._unmerged_active():
             result = self._add_update(result, x, name, base)
@@ -198,6 +195,16 @@ class LoraLayer(nn.Module):
         return F.dropout(x, p, training=True) if p and self.training else x
 
     # -- mixed batches: one forward, a different adapter per row --------------------------------
+    def _mixed_update(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
+        """Every row's own scaled update (row i: adapter plan.rows[i], 0 = none), None when no row's adapter lives
+        in this layer. Low-rank layers stack their factors and run batched products (below); a layer whose
+        update is a full ΔW (LyCORIS) overrides this."""
+        stacked = self._stacked_factors(plan)
+        if stacked is None:
+            return None
+        self._check_rows(x, plan)
+        return self._mixed_output(x, plan.rows, *stacked)
+
     def _stacked_factors(self, plan: RowAdapters):
         """A (K+1, r_max, fan_in), B (K+1, fan_out, r_max), scale (K+1,), dropout p (K+1,) over (base,)+names.
 

@@ -120,22 +120,21 @@ class LycorisLayer(LoraLayer):
         return result if self._skips_update(name) else super()._add_update(result, x, name, base_out)
 
     # -- mixed batches: each group of rows runs its own adapter's ΔW --------------------------------
-    # A full ΔW per adapter does not stack into LoRA's batched A/B products, so the "stacked factors" handed
-    # from `_stacked_factors` to `_mixed_output` by LoraLayer.forward are just the adapter names.
-    def _stacked_factors(self, plan: RowAdapters):
-        return (plan.names,) if any(n in self.ranks for n in plan.names) else None
-
-    def _mixed_output(self, x: torch.Tensor, rows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    # A full ΔW per adapter does not stack into LoRA's batched A/B products.
+    def _mixed_update(self, x: torch.Tensor, plan: RowAdapters) -> torch.Tensor | None:
+        if not any(n in self.ranks for n in plan.names):
+            return None
+        self._check_rows(x, plan)
         out = None
-        for index, name in enumerate(names, start=1):
-            picked = (rows == index).nonzero().squeeze(1)
+        for index, name in enumerate(plan.names, start=1):
+            picked = (plan.rows == index).nonzero().squeeze(1)
             if name not in self.ranks or picked.numel() == 0 or self._skips_update(name):
                 continue
             term = self.scaling[name] * self._adapter_output(x[picked], name)
             if out is None:
                 out = term.new_zeros(x.shape[:1] + term.shape[1:])
             out = out.index_copy(0, picked, term)
-        return x.new_zeros(()) if out is None else out
+        return out
 
 
 # -- adapter_config.json ------------------------------------------------------------------------------
