@@ -32,8 +32,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test requirements/bench.txt
 	$(PIP_LOCKED) -r requirements/bench.txt
 	touch $@
 
+# overwrite=true: a second `make demo` moves the previous demo run aside (runs/demo.old-TIMESTAMP) instead of
+# refusing to mix with it, as a plain `loraforge train` into a folder holding a run does.
 demo: install
-	$(BIN)/loraforge train
+	$(BIN)/loraforge train overwrite=true
 
 test: install-test
 	$(BIN)/python -m pytest -q -m "not slow"
