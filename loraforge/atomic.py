@@ -77,6 +77,18 @@ def publish_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_folder(final: Path, fill: Callable[[Path], None]) -> None:
+    """Call fill(temp_folder), then make it `final`, all its files at once (publish_folder). On failure the
+    temporary folder is removed and `final` is untouched."""
+    tmp = new_folder_beside(final)
+    try:
+        fill(tmp)
+        publish_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def recover_folder(final: Path) -> None:
     """After a crash inside publish_folder: the previous folder back in place when the new one never arrived."""
     old = final.parent / f".{final.name}.old"

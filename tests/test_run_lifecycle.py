@@ -280,6 +280,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(metho
 
 def test_an_adapter_folder_changes_whole_or_not_at_all(tiny_model_dir, small_data, tmp_path, monkeypatch):
     """A crash between writing the weights and the config leaves adapter/ as it was: both files of one save."""
+    from loraforge.atomic import write_folder
     from loraforge.lora import files as files_module
     from loraforge.train import loop as loop_module
 
@@ -296,6 +297,6 @@ def test_an_adapter_folder_changes_whole_or_not_at_all(tiny_model_dir, small_dat
     trained = loop_module.LoraModel.from_pretrained(
         loop_module.load_model(str(tiny_model_dir))[0], run / "adapter", trainable=True)
     with pytest.raises(OSError, match="power cut"):
-        loop_module.save_whole(trained.save, folder.last(full=False))
+        write_folder(folder.last(full=False), trained.save)
     after = {name: (run / "adapter" / name).read_bytes() for name in before}
     assert after == before and not list(run.glob(".adapter.*"))

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from loraforge.atomic import file_sha256, fsync_path, new_folder_beside, publish_folder
+from loraforge.atomic import file_sha256, fsync_path, write_folder
 from loraforge.train.state import TrainingState
 from loraforge.train.trainee import AdapterTrainee, Trainee
 
@@ -49,8 +49,8 @@ def save_checkpoint(folder: Path, trainee: Trainee, optimizer: torch.optim.Optim
     """Write the checkpoint of `state.step`, then drop all but the newest `keep`. A failure (a full disk) leaves
     no partial folder and every earlier checkpoint as it was."""
     final = folder / checkpoint_name(state.step)
-    tmp = new_folder_beside(final)
-    try:
+
+    def fill(tmp: Path) -> None:
         _save_tensors(trainee.checkpoint_tensors(), tmp / "trainee.safetensors")
         optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
         _save_tensors(optimizer_tensors, tmp / "optimizer.safetensors")
@@ -65,11 +65,9 @@ def save_checkpoint(folder: Path, trainee: Trainee, optimizer: torch.optim.Optim
             "state": state.to_dict(), "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(),
             "python_rng": [version, list(internal), gauss]}, indent=1))
         manifest = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MARKER).write_text(json.dumps(manifest, indent=1))
-        publish_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MARKER).write_text(json.dumps(manifest, indent=1))  # last: it lists every other file
+
+    write_folder(final, fill)
     for old in complete_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     fsync_path(folder)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loraforge.advise import adapter_layout, dataset_bits, print_advice, training_advice
-from loraforge.atomic import new_folder_beside, publish_folder, write_text
+from loraforge.atomic import write_folder, write_text
 from loraforge.config import TrainConfig
 from loraforge.console import make_console
 from loraforge.data import PreparedData, collate, example_order, prepare_data, write_jsonl
@@ -93,17 +92,6 @@ def save_run_inputs(root: Path, data: PreparedData) -> None:
     for name in ("train", "validation", "test"):
         write_jsonl(getattr(data, name).conversations, root / "data" / f"{name}.jsonl")
     write_text(root / "data_report.json", json.dumps(data.report.to_dict(), indent=1))
-
-
-def save_whole(save: Callable[[Path], None], final: Path) -> None:
-    """An adapter (or model) folder written aside and swapped in: its weights and config appear together."""
-    tmp = new_folder_beside(final)
-    try:
-        save(tmp)
-        publish_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
@@ -203,7 +191,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         """Save the adapter to best/ when it improves; True when patience has run out."""
         if state.best_val_loss is None or val < state.best_val_loss:
             state.best_val_loss, state.evals_without_improvement = val, 0
-            save_whole(trainee.save, run.best)
+            write_folder(run.best, trainee.save)  # weights and config appear together
             return False
         state.evals_without_improvement += 1
         return bool(config.patience and state.evals_without_improvement >= config.patience)
@@ -258,7 +246,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         console.print(line)  # AdaLoRA: pruned to its final allocation, per-layer ranks
     if stopped != "interrupted" and state.last_val_step != state.step:
         validate()  # the final adapter's own validation loss (early stopping and resumes end between evaluations)
-    save_whole(trainee.save, run.last(full))
+    write_folder(run.last(full), trainee.save)
     rows = metrics.rows()
     metrics.close()
     plot_learning_curve(rows, run.learning_curve)
