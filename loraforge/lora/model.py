@@ -25,6 +25,7 @@ from loraforge.lora.fused_mlp import install_fused_mlps, remove_fused_mlps
 from loraforge.lora.layers import LoraLayer, LoraLinear, LoraParameter, ModulesToSave, RowAdapters
 from loraforge.lora.method_table import method
 from loraforge.lora.targeting import base_modules, find_targets, pattern_value, unwrap
+from loraforge.lora.variants import variants_for
 
 DEFAULT_ADAPTER = "default"
 class LoraModel(nn.Module):
@@ -196,6 +197,8 @@ class LoraModel(nn.Module):
         each checkpointed layer (transformers calls its `_gradient_checkpointing_func(forward, *args)`) gets a
         forward that sets the row plan itself, so the recomputation routes rows as the forward did."""
         replaced = []
+        if not torch.is_grad_enabled():  # no backward, no recomputation (serving: every decode step comes here)
+            return replaced
         for module in self.model.modules():
             original = getattr(module, "_gradient_checkpointing_func", None)
             if original is None or not getattr(module, "gradient_checkpointing", False):
@@ -219,10 +222,12 @@ class LoraModel(nn.Module):
     def mixed_batch_refusal(self, name: str) -> str | None:
         """Why adapter `name` cannot take rows of its own in a mixed batch, or None when it can (every method and
         layer type can, but DoRA, whose scale depends on the whole weight, and adapted expert tensors, which would
-        need a weight per token). The layers raise the same at forward time; this says it before."""
+        need a weight per token). The layers raise the same at forward time (from the same variant objects); this
+        says it before."""
         config = self.configs[name]
-        if config.use_dora:
-            return "it is a DoRA adapter (its scale depends on the whole weight)"
+        for variant in variants_for(config):
+            if not variant.mixable:
+                return variant.not_mixable_because
         if config.target_parameters:
             return "it adapts expert tensors directly (target_parameters), which would need a weight per token"
         return None
