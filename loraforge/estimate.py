@@ -39,7 +39,7 @@ from loraforge.advise import AdapterLayout, adapter_layout
 from loraforge.config import LoraConfig, TrainConfig, load_train_config
 from loraforge.console import make_console
 from loraforge.errors import ConfigError, LoraforgeError
-from loraforge.hardware import dtype_named
+from loraforge.hardware import autocast_for, compact_cpu_allocator, dtype_named, grad_scaler_for, trim_cpu_heap
 from loraforge.loss import LOGITS_CHUNK_ELEMENTS
 from loraforge.lora.fused_mlp import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
@@ -360,9 +360,7 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
+    autocast = autocast_for(device, amp_dtype)
     torch.manual_seed(seed)
     batch = _random_batch(est, model_config.vocab_size, device)
     _release_memory(device)
@@ -376,7 +374,7 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
             enable_gradient_checkpointing(model)
         optimizer = build_optimizer(trainee.parameter_groups(config), config)
         scheduler = build_scheduler(optimizer, config, 2)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        scaler = grad_scaler_for(device, amp_dtype)
         step_seconds = []
         for step in (1, 2):  # the first step also creates the optimizer states
             sync()
@@ -427,25 +425,13 @@ def _release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     else:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.util.find_library("c")
-        if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc
-            ctypes.CDLL(libc).malloc_trim(0)
+        trim_cpu_heap()
 
 
 def track_freed_memory() -> None:
     """Make the resident set follow live tensors on CPU: glibc raises its mmap threshold as large blocks are
     freed and then keeps freed heap pages, which would make the measured peak grow step after step."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.util.find_library("c")
-    if libc:
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
-        ctypes.CDLL(libc).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        ctypes.CDLL(libc).mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    compact_cpu_allocator(trim_at_once=True)
     _release_memory(torch.device("cpu"))
 
 

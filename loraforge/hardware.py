@@ -19,6 +19,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,16 +211,47 @@ def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> 
     return None if config.base_dtype == "fp32" else DTYPES[config.base_dtype]
 
 
-def compact_cpu_allocator() -> bool:
-    """Fix glibc's mmap threshold at 128 KiB (True if it took). By default the threshold grows with every freed
-    large block up to 32 MB, so activation-sized tensors come from the heap, which fragments and keeps freed
-    memory: on the demo job the peak RSS fell from 2,686 to 1,857 MB with the fixed threshold. The price is a
-    fresh, zeroed page for every new tensor: steps measured 1.3–1.8× slower on this project's VM, hence opt-in.
-    Neither same-shape batches nor preallocated gradients and optimizer state reduce the heap's slack (measured
-    with mallinfo2: ~500 MB free but unusable at each step's peak), so this is the lever there is."""
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _glibc():
+    """The C library when it is glibc (mallopt, malloc_trim), else None (macOS, musl: nothing to tune)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to do
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def compact_cpu_allocator(trim_at_once: bool = False) -> bool:
+    """Fix glibc's mmap threshold at 128 KiB (True if it took); with `trim_at_once` also give freed heap tops
+    back at once. By default the threshold grows with every freed large block up to 32 MB, so activation-sized
+    tensors come from the heap, which fragments and keeps freed memory: on the demo job the peak RSS fell from
+    2,686 to 1,857 MB with the fixed threshold. The price is a fresh, zeroed page for every new tensor: steps
+    measured 1.3–1.8× slower on this project's VM, hence opt-in. Neither same-shape batches nor preallocated
+    gradients and optimizer state reduce the heap's slack (measured with mallinfo2: ~500 MB free but unusable at
+    each step's peak), so this is the lever there is."""
+    libc = _glibc()
+    if libc is None:
         return False
-    m_mmap_threshold = -3  # from malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
+    if trim_at_once:
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+
+
+def trim_cpu_heap() -> None:
+    """Give the heap's free memory back to the system now (glibc's malloc_trim; elsewhere nothing)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def autocast_for(device: torch.device, amp_dtype: torch.dtype | None) -> Callable[[], AbstractContextManager]:
+    """A factory of autocast contexts for `amp_dtype` on `device`; plain fp32 (None) gets autocast switched off."""
+    return lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def grad_scaler_for(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling; every other precision gets a disabled scaler whose calls pass straight through."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,8 @@ from loraforge.data import PreparedData, collate, example_order, prepare_data, w
 from loraforge.demo import DEMO_DATA
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.evaluate import evaluate_loss
-from loraforge.hardware import (autocast_dtype, compact_cpu_allocator, frozen_storage_dtype, resolve_precision)
+from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
+                                grad_scaler_for, resolve_precision)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
 from loraforge.memory import release_checkpoint_mapping
 from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model
@@ -158,10 +159,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console.print(trainee.describe())
     optimizer = build_optimizer(trainee.parameter_groups(config), config)
     scheduler = build_scheduler(optimizer, config, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    def autocast() -> AbstractContextManager:
-        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    scaler = grad_scaler_for(device, amp_dtype)
+    autocast = autocast_for(device, amp_dtype)
 
     if isinstance(trainee, AdapterTrainee):
         # The dataset's information (for the capacity advisor) is the base's log-loss: a fresh adapter is the base.
