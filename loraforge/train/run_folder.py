@@ -82,6 +82,10 @@ class RunFolder:
 
     # -- the layout ------------------------------------------------------------------------------
     @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -126,7 +130,10 @@ class RunFolder:
             os.replace(folder.root, aside)
             say(f"overwrite=true: the previous run in {folder.root} was moved to {aside}")
         if config.resume and folder.holds_a_run():
-            folder._check_same_run(config, current, say)
+            folder._check_same_run(current)
+            folder._say_what_changed(config, say)
+            folder._tidy_after_a_crash()
+            write_text(folder.config_file, config_to_yaml(config))
             checkpoint = folder._newest_good_checkpoint(say)
             if checkpoint is None:
                 say(f"[yellow]resume=true: no complete checkpoint in {folder.checkpoints}; starting from step 0[/]")
@@ -135,10 +142,11 @@ class RunFolder:
             say(f"[yellow]resume=true: {folder.root} holds no run yet; starting a new one[/]")
         folder.root.mkdir(parents=True, exist_ok=True)
         write_text(folder.root / FINGERPRINT_FILE, json.dumps(current, indent=1) + "\n")
-        write_text(folder.root / "config.yaml", config_to_yaml(config))
+        write_text(folder.config_file, config_to_yaml(config))
         return folder, None
 
-    def _check_same_run(self, config: TrainConfig, current: dict, say: Callable[[str], None]) -> None:
+    def _check_same_run(self, current: dict) -> None:
+        """Refuse to resume unless the recorded fingerprint equals `current`, listing every difference."""
         path = self.root / FINGERPRINT_FILE
         try:
             recorded = json.loads(path.read_text())
@@ -149,20 +157,25 @@ class RunFolder:
         if differences:
             raise ConfigError(f"resume: {self.root} is a different run; these differ from it: "
                               f"{'; '.join(differences)}. Undo them, or start over with overwrite=true")
+
+    def _say_what_changed(self, config: TrainConfig, say: Callable[[str], None]) -> None:
+        """The resumable keys that differ from the config this run last ran with."""
         try:
-            previous = yaml.safe_load((self.root / "config.yaml").read_text()) or {}
+            previous = yaml.safe_load(self.config_file.read_text()) or {}
         except (OSError, yaml.YAMLError):
             previous = {}
         now = config.model_dump(mode="json")
-        changed = [f"{key} {previous[key]!r} → {now[key]!r}" for key in sorted(RESUMABLE_KEYS)
-                   if key in previous and previous[key] != now[key] and key not in ("resume", "overwrite")]
+        changed = [f"{key} {previous[key]!r} → {now[key]!r}" for key in sorted(RESUMABLE_KEYS - {"resume", "overwrite"})
+                   if key in previous and previous[key] != now[key]]
         if changed:
             say(f"resume: {', '.join(changed)} (these may change when a run resumes)")
-        write_text(self.root / "config.yaml", config_to_yaml(config))
+
+    def _tidy_after_a_crash(self) -> None:
+        """Put back a folder a crash left aside mid-swap, and remove what a crash left half-written."""
         for name in ("adapter", "model", "best"):
             recover_folder(self.root / name)
         leftovers = [*self.root.glob(".*.tmp"), *(self.checkpoints.glob(".*.tmp") if self.checkpoints.exists() else [])]
-        for leftover in leftovers:  # files and folders whose writing a crash cut short
+        for leftover in leftovers:
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
