@@ -102,10 +102,12 @@ def lr_advice(lr: float, suggestion: float, finetune: str) -> Advice:
 
 
 # -- capacity ---------------------------------------------------------------------------------------------
-def capacity_advice(dataset_bits: float, layout: AdapterLayout, r: int) -> Advice:
-    """The dataset's information vs the adapter's capacity (≈ 2 bits per trainable parameter)."""
+def capacity_advice(dataset_bits: float, layout: AdapterLayout, r: int,
+                    source: str = "base-model log-loss over the training set") -> Advice:
+    """The dataset's information vs the adapter's capacity (≈ 2 bits per trainable parameter). `source` says how
+    the information was obtained (a sample's estimate, or training's own first-epoch log-loss)."""
     capacity = BITS_PER_PARAMETER * layout.trainable
-    message = (f"dataset ≈ {_bits(dataset_bits)} (base-model log-loss over the training set); adapter capacity ≈ "
+    message = (f"dataset ≈ {_bits(dataset_bits)} ({source}); adapter capacity ≈ "
                f"{_bits(capacity)} ({layout.trainable:,} parameters × {BITS_PER_PARAMETER:g} bits)")
     if dataset_bits <= capacity:
         return Advice("capacity", f"{message}: fits ({dataset_bits / capacity:.1%} of capacity)")
@@ -124,13 +126,23 @@ def _bits(bits: float) -> str:
     return f"{bits:.0f} bit"
 
 
+def target_tokens_of(examples: Sequence) -> int:
+    """Tokens that carry a label (what the loss, and so the information, is counted over)."""
+    from loraforge.data import IGNORE_INDEX
+
+    return sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
+
+
+def nats_to_bits(nats_per_token: float, tokens: int) -> float:
+    return nats_per_token * tokens / math.log(2)
+
+
 def dataset_bits(model: nn.Module, examples: Sequence, pad_token_id: int, batch_size: int, device,
                  autocast=None, sample: int = CAPACITY_SAMPLE) -> float:
     """The base model's total log-loss over `examples`, in bits, from one forward pass over an evenly spaced
     sample of them (mean loss per target token × all target tokens)."""
     from contextlib import nullcontext
 
-    from loraforge.data import IGNORE_INDEX
     from loraforge.evaluate import evaluate_loss
 
     if not examples:
@@ -138,8 +150,7 @@ def dataset_bits(model: nn.Module, examples: Sequence, pad_token_id: int, batch_
     step = max(1, len(examples) // sample)
     chosen = list(examples)[::step][:sample]
     loss = evaluate_loss(model, chosen, pad_token_id, batch_size, device, autocast or nullcontext)["loss"]
-    targets = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
-    return loss * targets / math.log(2)
+    return nats_to_bits(loss, target_tokens_of(examples))
 
 
 # -- placement and batch size -------------------------------------------------------------------------

@@ -40,10 +40,9 @@ def _train(args: argparse.Namespace) -> int | None:
     if using_demo:
         console.print("no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.evaluate import evaluate_models
-    from loraforge.hardware import resolve_device
     from loraforge.train import train
 
-    result = train(config, console)
+    result = train(config, console, keep_model=config.compare and config.finetune != "full")
     if result.stopped == "interrupted":  # the user wants out: no comparison, no report
         console.print(f"interrupted at step {result.steps}; the run is checkpointed in {config.output}. Continue it "
                       f"with the same command and resume=true", markup=False)
@@ -52,9 +51,7 @@ def _train(args: argparse.Namespace) -> int | None:
         console.print(f"finetune=full: the tuned model is in {result.adapter}; compare it with `loraforge compare` "
                       "(the base-vs-adapter comparison needs an adapter)")
     elif config.compare and config.compare_samples:
-        # A QLoRA adapter is judged on the quantized base it was trained with, and so is "base".
-        lora, tokenizer = _load_for_inference(config.model, [f"tuned={result.best_adapter or result.adapter}"],
-                                              device=resolve_device(config.device), quant=config.quant)
+        lora, tokenizer = _comparison_model(config, result)
         test = _read_conversations(config.output / "data" / "test.jsonl")
         if not test:
             console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
@@ -69,6 +66,25 @@ def _train(args: argparse.Namespace) -> int | None:
         from loraforge.report import write_report
 
         console.print(f"report: {write_report(config.output)[0]}")
+
+
+def _comparison_model(config, result):
+    """The base and the tuned adapter (best/ if there is one) for the comparison: the model training left in
+    memory, so that no second copy is loaded — a QLoRA adapter is judged on the quantized base it trained on, and
+    so is "base". PiSSA trained on a residual base, not the base: that one is loaded afresh."""
+    import gc
+
+    from loraforge.hardware import resolve_device, trim_cpu_heap
+
+    adapter = result.best_adapter or result.adapter
+    if result.lora is not None and not config.lora.init.startswith("pissa"):
+        result.lora.load_adapter(adapter, "tuned")
+        return result.lora, result.tokenizer
+    result.lora = None
+    gc.collect()
+    trim_cpu_heap()  # the training model's memory goes back before the next one is loaded
+    return _load_for_inference(config.model, [f"tuned={adapter}"], device=resolve_device(config.device),
+                               quant=config.quant)
 
 
 def _read_conversations(path: Path) -> list:

@@ -252,6 +252,11 @@ class TrainConfig(Section):
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', …")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default: 10 evals).")
+    val_samples: int | None = Field(
+        None, ge=1, description="Validation rows evaluated at each interval, the same rows every time (default: as "
+        "many as cost ≤ 10% of the interval's training compute, at least 16); the full split is evaluated once, "
+        "at the end."
+    )
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest complete checkpoints kept.")
     patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement.")

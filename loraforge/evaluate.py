@@ -10,14 +10,15 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from loraforge.data import Example, Messages, collate, render
-from loraforge.loss import causal_lm_loss
+from loraforge.data import IGNORE_INDEX, Example, Messages, collate, render
+from loraforge.loss import causal_lm_loss, loss_and_predictions
 from loraforge.metrics import choose_metrics, normalize, score
 
 
@@ -68,6 +69,126 @@ def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, promp
     return [by_index[i] for i in range(len(texts))]
 
 
+@dataclass
+class _Answer:
+    """A greedy answer being written: the tokens known so far, and how many more it may have."""
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    budget: int
+    done: bool
+
+
+@torch.no_grad()
+def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapter: str | None,
+                     max_new_tokens: int, batch_size: int, max_seq_len: int) -> tuple[dict[str, float], list[_Answer]]:
+    """The loss of the reference answers (as evaluate_loss) and the start of each greedy answer, from the same
+    forward pass: the argmax at each reference position says how far greedy decoding would follow the
+    reference (speculative decoding with the reference as the draft). A model that learned the task writes its
+    whole answer there; only the rest is decoded (finish_answers), from where it leaves the reference."""
+    from loraforge.data import tokenize
+    from loraforge.serve.engine import end_of_answer_ids
+
+    eos = end_of_answer_ids(lora.model, tokenizer)
+    rows = []
+    for conversation in conversations:
+        example = tokenize(tokenizer, conversation.messages, max_seq_len)
+        prompt = tokenizer(render(tokenizer, conversation.messages[:-1], generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        # The reference is the labelled run right after the generation prompt (the template may not allow that).
+        start = len(prompt)
+        matches = example.input_ids[:start] == prompt and start < len(example.labels) and \
+            example.labels[start] != IGNORE_INDEX
+        end = start
+        while matches and end < len(example.labels) and example.labels[end] != IGNORE_INDEX:
+            end += 1
+        rows.append((example, prompt, example.input_ids[start:end]))
+    device = next(lora.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0].input_ids))
+    total, count, answers = 0.0, 0, [None] * len(rows)
+    was_training = lora.training
+    lora.eval()
+    try:
+        with lora.using(adapter):
+            for begin in range(0, len(order), batch_size):
+                chunk = order[begin : begin + batch_size]
+                batch = {k: v.to(device) for k, v in
+                         collate([rows[i][0] for i in chunk], tokenizer.pad_token_id).items()}
+                loss_sum, n, predictions = loss_and_predictions(lora.model, batch)
+                total, count = total + loss_sum, count + n
+                per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).tolist()
+                for i, row_predictions in zip(chunk, torch.split(predictions, per_row)):
+                    example, prompt, reference = rows[i]
+                    # The reference run is the row's last labelled run: its predictions are the last ones.
+                    greedy = row_predictions.tolist()[len(row_predictions) - len(reference):] if reference else []
+                    answers[i] = _follow(prompt, reference, greedy, max_new_tokens, eos)
+    finally:
+        lora.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}, answers
+
+
+def _follow(prompt: list[int], reference: list[int], greedy: list[int], max_new_tokens: int,
+            eos: frozenset[int]) -> _Answer:
+    """The greedy answer as far as the reference pass shows it: the reference up to the first token greedy
+    decoding would not write, plus the token it would write there."""
+    k = next((j for j, (want, got) in enumerate(zip(reference, greedy)) if want != got), len(reference))
+    tokens = list(reference[:k]) + ([greedy[k]] if k < len(reference) else [])
+    stop = next((j for j, token in enumerate(tokens) if token in eos), None)
+    if stop is not None:
+        tokens = tokens[: stop + 1]
+    tokens = tokens[:max_new_tokens]
+    done = (bool(tokens) and tokens[-1] in eos) or len(tokens) >= max_new_tokens
+    return _Answer(prompt, tokens, max_new_tokens - len(tokens), done)
+
+
+def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str | None, list[_Answer]],
+                   batch_size: int) -> dict[str | None, list[str]]:
+    """Greedy-decode what each answer still lacks, every adapter's rows in the same batches (continuous
+    batching: rows leave when they end), and return the texts."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.serve.engine import Engine, Generation, SamplingParams
+
+    open_rows = [(adapter, answer) for adapter, rows in answers.items() for answer in rows if not answer.done]
+    if open_rows:
+        was_training = lora.training
+        try:
+            engine = Engine(lora, tokenizer, max_batch=max(batch_size, 1))
+        except LoraforgeError:  # a cache the engine cannot batch (sliding windows): one row at a time
+            engine = None
+        if engine is not None:
+            generations = [Generation(a.prompt_ids + a.tokens, adapter, SamplingParams(a.budget), index=i)
+                           for i, (adapter, a) in enumerate(open_rows)]
+            try:
+                # Shortest first: rows admitted together share a length, and so little padding.
+                engine.submit(sorted(generations, key=lambda g: len(g.prompt_ids)))
+                while not all(g.done for g in generations):
+                    engine.step()
+            finally:
+                lora.train(was_training)
+            for (adapter, answer), generation in zip(open_rows, generations):
+                answer.tokens += generation.tokens
+        else:
+            for adapter, answer in open_rows:
+                with lora.using(adapter):
+                    answer.tokens += _generate_ids(lora, tokenizer, answer.prompt_ids + answer.tokens, answer.budget)
+    return {adapter: [tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in rows]
+            for adapter, rows in answers.items()}
+
+
+def _generate_ids(lora, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
+    device = next(lora.parameters()).device
+    was_training = lora.training
+    lora.eval()
+    try:
+        out = lora.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                            device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    finally:
+        lora.train(was_training)
+    return out[0, len(ids):].tolist()
+
+
 def _answer_prompts(conversations: Sequence, limit: int | None) -> tuple[list[Messages], list[str]]:
     chosen = list(conversations)[:limit]
     return [c.messages[:-1] for c in chosen], [c.messages[-1]["content"] for c in chosen]
@@ -78,23 +199,25 @@ def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Seq
                     batch_size: int = 16, max_seq_len: int = 512, with_loss: bool = True) -> dict:
     """Base and each adapter on the same held-out conversations: loss / perplexity, answer metrics and the
     answers themselves (the evaluation.json the report shows)."""
-    from loraforge.data import tokenize
-
     prompts, references = _answer_prompts(conversations, limit)
     names = choose_metrics(references, metric_names)
-    device = next(lora.parameters()).device
-    examples = [tokenize(tokenizer, c.messages, max_seq_len) for c in list(conversations)[:limit]] if with_loss else []
-    models: dict[str, dict] = {}
+    labels = {"base": None, **{a: a for a in adapters}}
+    models: dict[str, dict] = {label: {} for label in labels}
     answers: dict[str, list[str]] = {}
-    for label, adapter in [("base", None)] + [(a, a) for a in adapters]:
-        with lora.using(adapter):
-            row = {}
-            if examples:
-                loss = evaluate_loss(lora, examples, tokenizer.pad_token_id, batch_size, device)
-                row.update(loss=loss["loss"], perplexity=loss["perplexity"])
-            answers[label] = generate_answers(lora, tokenizer, prompts, max_new_tokens, batch_size)
-            row.update(score(answers[label], references, names))
-            models[label] = row
+    if with_loss:
+        started: dict[str | None, list[_Answer]] = {}
+        for label, adapter in labels.items():
+            loss, started[adapter] = score_and_answer(lora, tokenizer, list(conversations)[:limit], adapter,
+                                                      max_new_tokens, batch_size, max_seq_len)
+            models[label].update(loss=loss["loss"], perplexity=loss["perplexity"])
+        texts = finish_answers(lora, tokenizer, started, batch_size)
+        answers = {label: texts[adapter] for label, adapter in labels.items()}
+    else:
+        for label, adapter in labels.items():
+            with lora.using(adapter):
+                answers[label] = generate_answers(lora, tokenizer, prompts, max_new_tokens, batch_size)
+    for label in labels:
+        models[label].update(score(answers[label], references, names))
     samples = [{"prompt": p[-1]["content"], "reference": r, "answers": {m: answers[m][i] for m in answers}}
                for i, (p, r) in enumerate(zip(prompts, references))]
     return {"n": len(references), "metric_names": names, "models": models, "samples": samples}

@@ -38,9 +38,35 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     share of a small model's compute, and prompt tokens need no logits. Packed batches (see data.collate)
     carry position ids and no attention mask.
     """
+    outputs, labels, head = _at_targets(model, batch)
+    if head is not None:
+        loss = head_cross_entropy(head, outputs, labels, model.config.get_text_config().vocab_size)
+    else:
+        loss = F.cross_entropy(outputs.float(), labels, reduction="sum")
+    return loss, int(labels.numel())
+
+
+@torch.no_grad()
+def loss_and_predictions(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor]:
+    """(summed cross-entropy over target tokens, their count, the greedy (argmax) next token at each target
+    position, flattened row by row): scoring a reference and checking whether greedy decoding would write it,
+    in one pass."""
+    outputs, labels, head = _at_targets(model, batch)
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
+    total, predictions = 0.0, []
+    for start in range(0, outputs.shape[0], rows):
+        chunk = outputs[start : start + rows]
+        logits = (head(chunk) if head is not None else chunk).float()
+        total += float(F.cross_entropy(logits, labels[start : start + rows], reduction="sum"))
+        predictions.append(logits.argmax(-1))
+    return total, int(labels.numel()), torch.cat(predictions) if predictions else labels.new_zeros(0)
+
+
+def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
+    """(what the head reads at each target position — or the logits there, for models that post-process them —,
+    the labels, the head or None)."""
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
-    count = int(targets.sum())
     # `inputs_embeds` instead of ids lets a caller differentiate with respect to the input activations.
     inputs = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
@@ -50,12 +76,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if _plain_head(model):
         backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        loss = head_cross_entropy(model.get_output_embeddings(), hidden[:, :-1][targets], labels[targets],
-                                  model.config.get_text_config().vocab_size)
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][targets]
-        loss = F.cross_entropy(logits.float(), labels[targets], reduction="sum")
-    return loss, count
+        return hidden[:, :-1][targets], labels[targets], model.get_output_embeddings()
+    return model(**inputs, use_cache=False).logits[:, :-1][targets], labels[targets], None
 
 
 def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:

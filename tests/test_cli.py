@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraforge.cli import main
+from loraforge.data import Conversation
 from loraforge.demo import DEMO_DATA
 from loraforge.evaluate import generate_answers
 from loraforge.lora import LoraModel
@@ -37,6 +38,41 @@ def test_train_writes_adapter_evaluation_and_report(trained_run, tiny_model_dir)
     assert (trained_run / "report.html").exists() and (trained_run / "report.json").exists()
     config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_the_comparison_after_training_reuses_the_trained_model(tiny_model_dir, tmp_path, monkeypatch):
+    """One model in memory: the comparison runs on the model training left (PiSSA's residual base excepted), and
+    its answers are those of the base and of the saved adapter loaded afresh."""
+    from loraforge import models
+    from loraforge.evaluate import evaluate_models
+    from loraforge.train import loop
+
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_model", counted)
+    monkeypatch.setattr(models, "load_model", counted)
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:30]))
+    common = [f"model={tiny_model_dir}", f"data={data}", "max_steps=2", "batch_size=4", "lora.r=4",
+              "compare_samples=3", "max_new_tokens=4", "tensorboard=false", "report=false", "max_seq_len=128"]
+    for init, expected_loads in (("kaiming", 1), ("pissa", 2)):
+        loads.clear()
+        run = tmp_path / init
+        assert main(["train", *common, f"output={run}", f"lora.init={init}"]) == 0
+        assert len(loads) == expected_loads, init
+        fresh, tokenizer = load_model(str(tiny_model_dir))
+        lora = LoraModel(fresh)
+        lora.load_adapter(run / "best", "tuned")
+        test = [Conversation(json.loads(line)["messages"], "t") for line in
+                (run / "data" / "test.jsonl").read_text().splitlines()]
+        expected = evaluate_models(lora, tokenizer, test, ["tuned"], "auto", 3, 4, batch_size=32, max_seq_len=128)
+        written = json.loads((run / "evaluation.json").read_text())
+        assert written["samples"] == expected["samples"], init
+        assert written["models"]["base"]["loss"] == pytest.approx(expected["models"]["base"]["loss"], rel=1e-5)
 
 
 def test_chat_one_shot_answer_equals_library_greedy_answer(trained_run, tiny_model_dir, capsys):
@@ -124,7 +160,7 @@ def test_bad_data_file_error_names_file_and_line(tiny_model_dir, tmp_path, capsy
 def test_an_unexpected_error_is_one_line_naming_where_it_happened(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from loraforge import train as train_module
 
-    def broken(config, console=None):
+    def broken(config, console=None, keep_model=False):
         raise ZeroDivisionError("division by zero\nsecond line of detail")
 
     monkeypatch.setattr(train_module, "train", broken)

@@ -80,3 +80,44 @@ def test_resources_count_parameters_measure_each_side_and_leave_the_adapter_unme
     for name, param in lora.named_parameters():  # unmerged again afterwards (to fp32 rounding)
         torch.testing.assert_close(param, before[name], atol=1e-6, rtol=0)
     assert not any(layer.merged_adapters for _, layer in lora.lora_layers())
+
+
+def test_answers_from_the_reference_pass_equal_plain_greedy_decoding(tiny):
+    """score_and_answer + finish_answers (the comparison's path) against generate(): the same greedy answers
+    and the same loss as evaluate_loss, for references the models do and do not follow."""
+    from loraforge.data import tokenize
+    from loraforge.evaluate import evaluate_loss
+
+    lora, tokenizer = tiny
+    lora.add_adapter("noisy", LoraConfig(r=4, targets="all-linear"))
+    perturb(lora, "noisy", std=1.0)
+    base_answers = generate_answers(lora, tokenizer, _prompts(), max_new_tokens=8)
+    # Half the references are the base's own answers (followed to the end), half are other text (left at once).
+    references = [a if i % 2 else "send the parcel to Oslo by Friday" for i, a in enumerate(base_answers)]
+    conversations = [Conversation(p + [{"role": "assistant", "content": r}], f"t:{i}")
+                     for i, (p, r) in enumerate(zip(_prompts(), references))]
+    result = evaluate_models(lora, tokenizer, conversations, ["noisy"], ["exact_match"], max_new_tokens=8,
+                             batch_size=4, max_seq_len=64)
+    examples = [tokenize(tokenizer, c.messages, 64) for c in conversations]
+    for label, adapter in (("base", None), ("noisy", "noisy")):
+        with lora.using(adapter):
+            expected = generate_answers(lora, tokenizer, _prompts(), max_new_tokens=8)
+            loss = evaluate_loss(lora, examples, tokenizer.pad_token_id, 4, torch.device("cpu"))["loss"]
+        assert [s["answers"][label] for s in result["samples"]] == expected, label
+        assert result["models"][label]["loss"] == pytest.approx(loss, rel=1e-5), label
+
+
+def test_the_reference_pass_keeps_what_greedy_decoding_would_write_and_only_that():
+    from loraforge.evaluate import _follow
+
+    eos = frozenset({2})
+    followed = _follow([7], [5, 6, 2], [5, 6, 2], max_new_tokens=10, eos=eos)  # the model writes the reference
+    assert followed.tokens == [5, 6, 2] and followed.done
+    left = _follow([7], [5, 6, 2], [5, 9, 4], max_new_tokens=10, eos=eos)  # leaves it at the second token
+    assert left.tokens == [5, 9] and not left.done and left.budget == 8
+    ended = _follow([7], [5, 6, 2], [5, 2, 4], max_new_tokens=10, eos=eos)  # ends early
+    assert ended.tokens == [5, 2] and ended.done
+    capped = _follow([7], [5, 6, 8, 2], [5, 6, 8, 2], max_new_tokens=2, eos=eos)
+    assert capped.tokens == [5, 6] and capped.done
+    cut = _follow([7], [5, 6], [5, 6], max_new_tokens=10, eos=eos)  # a truncated reference: decoding goes on
+    assert cut.tokens == [5, 6] and not cut.done and cut.budget == 8

@@ -213,3 +213,33 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, small_da
     checkpointed = train(_config(tiny_model_dir, small_data, tmp_path / "ckpt", "lora.dropout=0.0",
                                  "gradient_checkpointing=true"))
     assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-5)
+
+
+def test_validation_uses_a_fixed_sample_at_intervals_and_the_whole_split_at_the_end(tiny_model_dir, small_data,
+                                                                                      tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    result = train(_config(tiny_model_dir, small_data, tmp_path, "val_samples=2"), console)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in rows if "val_loss" in r]
+    n_validation = json.loads((tmp_path / "data_report.json").read_text())["split_sizes"]["validation"]
+    assert n_validation > 2
+    assert [(r["step"], r["val_rows"]) for r in evaluations] == [(3, 2), (6, n_validation)]
+    assert evaluations[0]["val_loss"] == evaluations[0]["val_sample_loss"]
+    assert result.final_val_loss == evaluations[-1]["val_loss"] != evaluations[-1]["val_sample_loss"]
+    # The capacity advisor: estimated from step 1 (no pass of its own), then measured over the epoch trained.
+    text = console.export_text()
+    assert "estimated from the base model's loss on step 1's 4 rows" in text
+    assert "measured: training log-loss over the" in text and result.dataset_bits > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["dataset_bits"] == result.dataset_bits
+
+
+def test_the_default_validation_sample_costs_a_tenth_of_the_interval_training():
+    config = TrainConfig(batch_size=8, grad_accum=2)
+    # 20 steps × 16 rows trained = 960 row-forwards of compute; 10% of it is 96 rows' forward.
+    assert loop_module.validation_sample_size(config, 20, 1000) == 96
+    assert loop_module.validation_sample_size(config, 1, 1000) == loop_module.MIN_VALIDATION_ROWS
+    assert loop_module.validation_sample_size(config, 20, 50) == 50
+    assert loop_module.validation_sample_size(TrainConfig(val_samples=7), 20, 50) == 7
+    assert loop_module.evenly_spaced(list(range(10)), 3) == ([0, 3, 7], [1, 2, 4, 5, 6, 8, 9])

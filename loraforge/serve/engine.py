@@ -124,7 +124,7 @@ class Engine:
         self.device = next(lora.parameters()).device
         model = lora.model
         check_full_attention(model.config)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = end_of_answer_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         # The head only needs the last position of a prefill; most causal LMs take `logits_to_keep`.
@@ -316,7 +316,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def end_of_answer_ids(model, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """The tokens that end an answer: the generation config's (as `generate` uses), else the tokenizer's."""
     config = getattr(model, "generation_config", None)
     eos = getattr(config, "eos_token_id", None)

@@ -24,7 +24,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from loraforge.advise import adapter_layout, dataset_bits, print_advice, training_advice
+from loraforge.advise import (adapter_layout, capacity_advice, nats_to_bits, print_advice, target_tokens_of,
+                              training_advice)
 from loraforge.atomic import write_folder, write_text
 from loraforge.config import TrainConfig
 from loraforge.console import make_console
@@ -57,7 +58,10 @@ class TrainResult:
     best_val_loss: float | None
     skipped_steps: int
     seconds: float
+    dataset_bits: float | None = None  # the capacity advisor's information, measured over the first epoch
     losses: list[float] = field(default_factory=list)  # this process's steps
+    lora: LoraModel | None = field(default=None, repr=False)  # with keep_model: the trained model, live
+    tokenizer: object = field(default=None, repr=False)
 
 
 class StopRequest:
@@ -81,6 +85,25 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# Validation at each interval costs at most this share of the interval's training compute (a row's forward is
+# ~1/3 of its forward + backward); the sample is never smaller than MIN_VALIDATION_ROWS rows.
+VALIDATION_SHARE = 0.10
+MIN_VALIDATION_ROWS = 16
+
+
+def validation_sample_size(config: TrainConfig, eval_every: int, n_validation: int) -> int:
+    if config.val_samples:
+        return min(config.val_samples, n_validation)
+    trained = eval_every * config.batch_size * config.grad_accum
+    return min(n_validation, max(MIN_VALIDATION_ROWS, round(3 * VALIDATION_SHARE * trained)))
+
+
+def evenly_spaced(items: list, k: int) -> tuple[list, list]:
+    """(k items spread evenly over the list, the others), both in list order."""
+    chosen = {round(i * len(items) / k) for i in range(k)} if k else set()
+    return ([x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen])
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -131,7 +154,21 @@ def next_micro_batches(data: PreparedData, config: TrainConfig, state: TrainingS
             for k0 in range(0, per_step, config.batch_size)]
 
 
-def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+def measured_information(state: TrainingState, train_targets: int) -> tuple[float, str] | None:
+    """(bits, how) of the dataset's information from training's own log-loss over its first epoch: the
+    prequential code length, scaled up when the run ended inside the epoch."""
+    if not state.first_epoch_targets:
+        return None
+    seen = min(1.0, state.first_epoch_targets / max(train_targets, 1))
+    bits = nats_to_bits(state.first_epoch_nats / state.first_epoch_targets, train_targets)
+    how = ("measured: training log-loss over the first epoch" if seen >= 1.0 else
+           f"measured: training log-loss over the {seen:.0%} of the first epoch trained, scaled to all of it")
+    return bits, how
+
+
+def train(config: TrainConfig, console: Console | None = None, keep_model: bool = False) -> TrainResult:
+    """Run the job. With `keep_model`, the result holds the trained LoraModel and tokenizer (the comparison
+    after training reuses them instead of loading a second copy)."""
     console = console or make_console()
     started = time.perf_counter()
     full = config.finetune == "full"
@@ -162,12 +199,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     scaler = grad_scaler_for(device, amp_dtype)
     autocast = autocast_for(device, amp_dtype)
 
-    if isinstance(trainee, AdapterTrainee):
-        # The dataset's information (for the capacity advisor) is the base's log-loss: a fresh adapter is the base.
-        bits = dataset_bits(trainee.lora, data.train.examples, tokenizer.pad_token_id, config.batch_size, device, autocast)
-        print_advice(training_advice(config, model.config, adapter_layout(trainee.lora), steps, bits), console)
-    else:
-        print_advice(training_advice(config, model.config, None, steps, None), console)
+    layout = adapter_layout(trainee.lora) if isinstance(trainee, AdapterTrainee) else None
+    print_advice(training_advice(config, model.config, layout, steps), console)
+    train_targets = target_tokens_of(data.train.examples)
 
     state = TrainingState()
     if resume_from is not None:
@@ -176,15 +210,33 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     metrics = MetricsLog(run.metrics, run.tensorboard if config.tensorboard else None,
                          state.step if resume_from is not None else None)
     eval_every = config.eval_every or max(1, steps // 10)
+    # The same rows at every interval (comparable: best/ and patience go by them), the whole split at the end.
+    n_validation = len(data.validation.examples)
+    sample, rest = evenly_spaced(data.validation.examples,
+                                 validation_sample_size(config, eval_every, n_validation))
+    if n_validation:
+        console.print(f"validation: {len(sample)} of {n_validation} rows every {eval_every} steps"
+                      + (f", all {n_validation} at the end" if rest else ""))
 
-    def validate() -> float | None:
-        if not data.validation.examples:
+    def validate(full: bool) -> float | None:
+        """The validation sample's loss (what best/ and patience compare); with `full`, also the whole split's,
+        which becomes the adapter's validation loss."""
+        if not sample:
             return None
-        result = evaluate_loss(trainee.model, data.validation.examples, tokenizer.pad_token_id, config.batch_size, device,
-                               autocast)
-        metrics.log(state.step, val_loss=result["loss"], val_perplexity=result["perplexity"])
-        state.last_val_loss, state.last_val_step = result["loss"], state.step
-        return result["loss"]
+        part = evaluate_loss(trainee.model, sample, tokenizer.pad_token_id, config.batch_size, device, autocast)
+        loss, tokens = part["loss"], part["tokens"]
+        if full and rest:
+            other = evaluate_loss(trainee.model, rest, tokenizer.pad_token_id, config.batch_size, device, autocast)
+            tokens = part["tokens"] + other["tokens"]
+            loss = (part["loss"] * part["tokens"] + other["loss"] * other["tokens"]) / max(tokens, 1)
+        rows = n_validation if full else len(sample)
+        metrics.log(state.step, val_loss=loss, val_perplexity=math.exp(min(loss, 50.0)), val_rows=rows,
+                    val_sample_loss=part["loss"])
+        if full or not rest:
+            state.last_val_loss, state.last_val_step = loss, state.step
+        console.print(f"step {state.step}: validation loss {loss:.4f} "
+                      f"({'all' if rows == n_validation else f'{rows} of'} {n_validation} rows)")
+        return part["loss"]
 
     def keep_if_best(val: float) -> bool:
         """Save the adapter to best/ when it improves; True when patience has run out."""
@@ -199,6 +251,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     stopped, losses = "max_steps", []
+    per_step, n_train = config.batch_size * config.grad_accum, len(data.train.examples)
     with StopRequest() as stop, Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("train", total=steps, completed=state.step, loss="-", lr="-", speed="-")
         while state.step < steps:
@@ -206,8 +259,17 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             result = train_step(trainee, next_micro_batches(data, config, state, tokenizer.pad_token_id, device), optimizer, scheduler,
                                 scaler, autocast, state.step + 1, config.max_grad_norm)
             if result.applied:
+                if state.consumed - per_step < n_train:  # this step started inside the first epoch
+                    state.first_epoch_nats += result.loss * result.targets
+                    state.first_epoch_targets += result.targets
                 state.step, state.bad_in_row = state.step + 1, 0
                 losses.append(result.loss)
+                if state.step == 1 and layout is not None:
+                    # The adapter starts as a no-op, so step 1's loss is the base's on its rows: an estimate of
+                    # the dataset's information before anything is learned, at no extra cost.
+                    print_advice([capacity_advice(nats_to_bits(result.loss, train_targets), layout, config.lora.r,
+                                                  f"estimated from the base model's loss on step 1's "
+                                                  f"{per_step} rows")], progress.console)
                 seconds = time.perf_counter() - tick
                 lr = optimizer.param_groups[0]["lr"]
                 metrics.log(state.step, train_loss=result.loss, lr=lr, tokens_per_s=result.tokens / seconds,
@@ -215,11 +277,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                 progress.update(bar, completed=state.step, loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                                 speed=f"{result.tokens / seconds:.0f}")
                 if state.step % eval_every == 0 or state.step == steps:
-                    val = validate()
-                    if val is not None:
-                        progress.console.print(f"step {state.step}: validation loss {val:.4f}")
-                        if keep_if_best(val):
-                            stopped = "early_stopping"
+                    val = validate(full=state.step == steps)
+                    if val is not None and keep_if_best(val):
+                        stopped = "early_stopping"
             else:  # a NaN/inf step changed nothing; a run of them means the run is broken
                 state.skipped_steps, state.bad_in_row = state.skipped_steps + 1, state.bad_in_row + 1
                 console.print(f"[yellow]step {state.step + 1}: loss is {result.loss}; step skipped[/]")
@@ -244,7 +304,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     for line in trainee.finish():
         console.print(line)  # AdaLoRA: pruned to its final allocation, per-layer ranks
     if stopped != "interrupted" and state.last_val_step != state.step:
-        validate()  # the final adapter's own validation loss (early stopping and resumes end between evaluations)
+        validate(full=True)  # the final adapter's own validation loss (early stopping ends between full ones)
+    information = measured_information(state, train_targets)
+    if information is not None and layout is not None:
+        bits, source = information
+        print_advice([capacity_advice(bits, layout, config.lora.r, source)], console)
     write_folder(run.last(full), trainee.save)
     rows = metrics.rows()
     metrics.close()
@@ -254,8 +318,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         output=run.root, steps=state.step, stopped=stopped, adapter=run.last(full),
         best_adapter=run.best if state.best_val_loss is not None else None, final_val_loss=final_val,
         best_val_loss=state.best_val_loss, skipped_steps=state.skipped_steps,
-        seconds=time.perf_counter() - started, losses=losses)
-    summary = {k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items() if k != "losses"}
+        seconds=time.perf_counter() - started, dataset_bits=information[0] if information else None, losses=losses,
+        lora=trainee.lora if keep_model and isinstance(trainee, AdapterTrainee) else None,
+        tokenizer=tokenizer if keep_model else None)
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()
+               if k not in ("losses", "lora", "tokenizer")}
     write_text(run.summary, json.dumps(summary, indent=1))
     console.print(f"done: {state.step} steps ({stopped}) in {result.seconds:.0f}s; {run.last(full).name} in "
                   f"{result.adapter}" + (f"; best validation loss {result.best_val_loss:.4f} in {run.best}"

@@ -15,6 +15,10 @@ class TrainingState:
     evals_without_improvement: int = 0
     bad_in_row: int = 0  # NaN/inf steps in a row
     skipped_steps: int = 0
+    # Training's own log-loss over the first epoch (steps that started inside it): the dataset's information,
+    # as the capacity advisor counts it, measured without a pass of its own.
+    first_epoch_nats: float = 0.0
+    first_epoch_targets: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

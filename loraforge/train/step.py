@@ -26,6 +26,7 @@ class StepResult:
     loss: float  # mean loss per target token
     grad_norm: float | None  # before clipping; None without clipping or for a skipped step
     tokens: int  # real tokens in the step (no padding)
+    targets: int  # tokens that carried a label: loss × targets is the step's summed log-loss in nats
     applied: bool  # False: the loss was not finite and the step changed nothing
 
 
@@ -53,7 +54,7 @@ def train_step(trainee: Trainee, micro_batches: Sequence[dict[str, torch.Tensor]
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, None, tokens, applied=False)
+        return StepResult(loss, None, tokens, n_targets, applied=False)
     scaler.unscale_(optimizer)
     grad_norm = None
     if max_grad_norm:
@@ -63,4 +64,4 @@ def train_step(trainee: Trainee, micro_batches: Sequence[dict[str, torch.Tensor]
     trainee.after_optimizer_step(step)  # needs this step's gradients: before zero_grad
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, tokens, applied=True)
+    return StepResult(loss, grad_norm, tokens, n_targets, applied=True)
