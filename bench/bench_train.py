@@ -1,13 +1,25 @@
-"""loraforge vs PEFT + TRL on the same fine-tune, in the same run, reported as ratios.
+"""loraforge vs PEFT + TRL on the same fine-tune: whole processes, timed from outside, reported as ratios.
 
-    python bench/bench_train.py                       # SmolLM2-135M, demo data, 3 runs each, CPU
-    python bench/bench_train.py --device cuda --model DIR --runs 5 --steps 60
-    python bench/bench_train.py --micro               # the LoRA step against its physical bound
+    python bench/bench_train.py --steps 20 --runs 3      # SmolLM2-135M, demo data, CPU
+    python bench/bench_train.py --device cuda --model DIR --steps 60
+    python bench/bench_train.py --micro                  # the LoRA step against its physical bound
 
-Same job for both: model, data (the demo split, assistant-only loss), steps, batch, lr and cosine
-schedule, LoRA r=16 / alpha=32 on all linear layers, max_seq_len 128. Every run is its own process
-(clean peak memory), the two tools alternate, and medians are reported. The final validation loss of
-both adapters is computed by the same code (ours; the PEFT adapter is loaded through our interop).
+Each row is one command a user would run, started as its own process; the wall time runs from the process's
+start (imports included) to its exit and the peak memory is the process's largest resident set (sampled every
+50 ms by bench/timeline.py; on CUDA the worker also reports max allocated). The rows alternate, and medians of
+--runs are reported:
+
+- `loraforge train` — the default job: the demo's settings with --steps, validation, capacity advice, the
+  base-vs-tuned comparison on held-out prompts and the report included;
+- `loraforge train`, training only: no validation split, no comparison, no report, no TensorBoard;
+- PEFT+TRL with TRL's defaults (`SFTConfig`: bf16 and gradient checkpointing on, even on CPU): bare
+  `trainer.train()` + save — what the job costs a TRL user before any evaluation;
+- PEFT+TRL with settings matched to ours (precision and gradient checkpointing as loraforge's run uses).
+
+Same job everywhere: the demo data (seeded 80/10/10 split; loss on assistant tokens only: TRL's
+`completion_only_loss` on prompt/completion rows), steps × batch, lr 1e-3 cosine with 5 warmup steps, LoRA
+r=16 / alpha=32 on all linear layers, dropout 0, max length 128. After the timed runs, the adapters of the last
+round are scored on the validation split by the same code (untimed), so the speed comes at equal quality.
 
 `--model` takes a model folder; a folder holding only config.json + tokenizer gets random weights
 (for GPU machines where the real weights cannot be copied: speed and memory need no trained weights).
@@ -18,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +38,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import timeline  # noqa: E402  (bench/timeline.py, next to this file)
 
 BENCH_LR = 1e-3
 MAX_SEQ_LEN = 128
@@ -59,80 +73,65 @@ def bench_data(tokenizer):
     return prepare_data(DataConfig(path=DEMO_DATA), tokenizer, MAX_SEQ_LEN, seed=0)
 
 
-def mean_train_tokens(model: str) -> float:
-    from transformers import AutoTokenizer
-
-    from loraforge.models import resolve_model_path
-
-    examples = bench_data(AutoTokenizer.from_pretrained(resolve_model_path(model))).train.examples
-    return sum(len(e.input_ids) for e in examples) / len(examples)
-
-
-def peak_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def run_loraforge(args) -> dict:
-    from loraforge.config import load_train_config
-    from loraforge.train import train
+def loraforge_command(args, output: str, training_only: bool) -> list[str]:
+    """The demo job (demo.yaml: lr 1e-3, cosine, 5 warmup steps, r=16, alpha=32, all-linear) at --steps."""
+    command = [str(Path(sys.executable).with_name("loraforge")), "train", f"model={args.model}",
+               f"output={output}", f"max_steps={args.steps}", f"batch_size={args.batch}", f"device={args.device}",
+               "overwrite=true"]
+    if training_only:  # the same 960 training rows; no validation split, no comparison, no report
+        command += ["data.split=[0.8,0.0,0.2]", "compare=false", "report=false", "tensorboard=false"]
+    return command
 
-    with tempfile.TemporaryDirectory() as out:
-        config = load_train_config(None, [
-            f"model={args.model}", f"output={out}", f"max_steps={args.steps}", f"batch_size={args.batch}",
-            f"lr={BENCH_LR}", "schedule=cosine", f"eval_every={args.steps}", "compare=false", "report=false",
-            "tensorboard=false", f"max_seq_len={MAX_SEQ_LEN}", "lora.r=16", "lora.alpha=32", f"device={args.device}",
-            f"precision={args.precision}", "max_grad_norm=1.0",
-            f"gradient_checkpointing={str(args.checkpointing).lower()}", f"packing={str(args.packing).lower()}",
-            f"base_dtype={args.base_dtype}", f"compact_cpu_memory={str(args.compact_cpu_memory).lower()}"])
-        start = time.perf_counter()
-        result = train(config)
-        wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {"wall_s": wall, "final_val_loss": result.final_val_loss, "peak_mb": peak_mb(args.device),
-            "train_s": sum(r["step_s"] for r in rows if "step_s" in r), "steps": result.steps}
+
+def peft_trl_command(args, output: str, defaults: bool) -> list[str]:
+    return [sys.executable, __file__, "--worker", "peft", "--model", args.model, "--steps", str(args.steps),
+            "--batch", str(args.batch), "--device", args.device, "--output", output] + \
+        (["--trl-defaults"] if defaults else [])
 
 
 def run_peft_trl(args) -> dict:
+    """Bare PEFT+TRL training: load, build the dataset, trainer.train(), save the adapter."""
     import peft
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from loraforge.evaluate import evaluate_loss
-
-    start = time.perf_counter()
     model, tokenizer = load_bench_model(args.model, args.device)
     data = bench_data(tokenizer)
     rows = [{"prompt": c.messages[:-1], "completion": c.messages[-1:]} for c in data.train.conversations]
-    with tempfile.TemporaryDirectory() as out:
-        sft = SFTConfig(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=BENCH_LR,
-            lr_scheduler_type="cosine", warmup_steps=0, logging_steps=args.steps, save_strategy="no", report_to=[],
-            max_length=MAX_SEQ_LEN, completion_only_loss=True, use_cpu=args.device == "cpu", seed=0,
-            bf16=args.precision == "bf16", dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
-            optim="adamw_torch_fused" if args.device.startswith("cuda") else "adamw_torch",
-            # TRL turns checkpointing on by default; the same job means the same setting on both sides.
-            gradient_checkpointing=args.checkpointing)
-        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                               task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             peft_config=lora)
-        metrics = trainer.train().metrics
-        trainer.model.save_pretrained(out + "/adapter")
-        # The validation pass runs on the trained model itself (PEFT's modules, our loss code), as ours does
-        # inside its job.
-        val = evaluate_loss(trainer.model.base_model.model, data.validation.examples, tokenizer.pad_token_id,
-                            args.batch, torch.device(args.device))["loss"]
-        wall = time.perf_counter() - start
-        memory = peak_mb(args.device)
-    return {"wall_s": wall, "final_val_loss": val, "peak_mb": memory, "train_s": metrics["train_runtime"],
-            "steps": args.steps}
+    matched = {} if args.trl_defaults else {"bf16": False, "gradient_checkpointing": False}
+    sft = SFTConfig(
+        output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=BENCH_LR,
+        lr_scheduler_type="cosine", warmup_steps=5, logging_steps=args.steps, save_strategy="no", report_to=[],
+        max_length=MAX_SEQ_LEN, completion_only_loss=True, use_cpu=args.device == "cpu", seed=0,
+        dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0, **matched)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora)
+    metrics = trainer.train().metrics
+    trainer.model.save_pretrained(Path(args.output) / "adapter")
+    return {"train_s": metrics["train_runtime"], "bf16": sft.bf16, "gradient_checkpointing": sft.gradient_checkpointing,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None}
+
+
+def validation_loss(args) -> dict:
+    """Untimed: each adapter's loss on the demo's validation split, by the same code (ours; PEFT's files load
+    through our interop)."""
+    from loraforge.evaluate import evaluate_loss
+    from loraforge.lora import LoraModel
+
+    losses = {}
+    for folder in args.adapters:
+        model, tokenizer = load_bench_model(args.model, args.device)
+        lora = LoraModel.from_pretrained(model, folder)
+        examples = bench_data(tokenizer).validation.examples
+        losses[folder] = evaluate_loss(lora, examples, tokenizer.pad_token_id, args.batch,
+                                       torch.device(args.device))["loss"]
+    return losses
 
 
 def micro(args) -> dict:
@@ -209,16 +208,16 @@ def micro(args) -> dict:
 
 
 def worker(args) -> None:
-    result = {"loraforge": run_loraforge, "peft": run_peft_trl, "micro": micro}[args.worker](args)
+    result = {"peft": run_peft_trl, "micro": micro, "validation": validation_loss}[args.worker](args)
     print("RESULT " + json.dumps(result))
 
 
 def spawn(args, role: str) -> dict:
     command = [sys.executable, __file__, "--worker", role, "--model", args.model, "--steps", str(args.steps),
                "--batch", str(args.batch), "--device", args.device, "--precision", args.precision,
-               "--repeats", str(args.repeats), "--base-dtype", args.base_dtype] + \
-        [flag for flag, on in (("--checkpointing", args.checkpointing), ("--packing", args.packing),
-                               ("--compact-cpu-memory", args.compact_cpu_memory)) if on]
+               "--repeats", str(args.repeats), "--base-dtype", args.base_dtype]
+    if role == "validation":
+        command += ["--adapters", *args.adapters]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -226,25 +225,39 @@ def spawn(args, role: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def timed(command: list[str]) -> dict:
+    """Wall time and peak resident set of the whole process, measured from outside."""
+    result = timeline.run(command, echo=False)
+    if result["exit"]:
+        tail = "\n".join(line["line"] for line in result["lines"][-30:])
+        raise SystemExit(f"failed ({result['exit']}): {' '.join(command)}\n{tail}")
+    return {"wall_s": result["wall_s"], "peak_mb": result["peak_rss_mb"]}
+
+
+ROWS = (("loraforge", "`loraforge train` (default job: validation, advice, comparison, report)"),
+        ("loraforge_train", "`loraforge train`, training only"),
+        ("peft_trl_defaults", "PEFT+TRL bare train + save, TRL defaults (bf16, gradient checkpointing)"),
+        ("peft_trl_matched", "PEFT+TRL bare train + save, matched (fp32, no checkpointing)"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rows", default=",".join(key for key, _ in ROWS),
+                        help="which rows to run (comma list of: " + ", ".join(key for key, _ in ROWS) + ")")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per micro measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="micro only")
+    parser.add_argument("--base-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="micro only")
     parser.add_argument("--micro", action="store_true")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
-    parser.add_argument("--packing", action="store_true",
-                        help="loraforge packs conversations padding-free (TRL keeps its default, padded batches)")
-    parser.add_argument("--base-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="loraforge's base_dtype: storage of the adapted layers' frozen weights")
-    parser.add_argument("--compact-cpu-memory", action="store_true",
-                        help="loraforge's compact_cpu_memory: the allocator returns freed memory (lower RSS, slower)")
     parser.add_argument("--json", help="write all raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-defaults", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--adapters", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -262,30 +275,33 @@ def main() -> None:
         print(f"| LoRA step / full fine-tuning step | {med['lora_step_s'] / med['full_step_s']:.2f}× |")
         raw = {"micro": runs}
     else:
-        ours, theirs = [], []
-        for _ in range(args.runs):
-            ours.append(spawn(args, "loraforge"))
-            theirs.append(spawn(args, "peft"))
-        # Both tools consume steps × batch conversations of the same split: the same real tokens.
-        tokens = args.steps * args.batch * mean_train_tokens(args.model)
-        for row in ours + theirs:
-            row["tokens_per_s"] = tokens / row["train_s"]
-        med = lambda rows, key: statistics.median(r[key] for r in rows)
-        ours_options = ", ".join(f"{k}={v}" for k, v in (("packing", args.packing), ("base_dtype", args.base_dtype),
-                                                         ("compact_cpu_memory", args.compact_cpu_memory))
-                                 if v not in (False, "auto"))
-        print(f"| {args.steps} steps × batch {args.batch}, {args.device}/{args.precision}, checkpointing "
-              f"{'on' if args.checkpointing else 'off'}, median of {args.runs}"
-              f"{f' (loraforge: {ours_options})' if ours_options else ''} "
-              "| loraforge | PEFT+TRL | ratio |")
-        print("|---|---|---|---|")
-        for key, label in (("wall_s", "job wall time, load to saved adapter (s)"), ("train_s", "training loop (s)"),
-                           ("tokens_per_s", "real tokens / s in training"), ("peak_mb", "peak memory (MB)"),
-                           ("final_val_loss", "final validation loss")):
-            a, b = med(ours, key), med(theirs, key)
-            print(f"| {label} | {a:.4g} | {b:.4g} | {a / b:.2f}× |")
-        tokens_per_step = tokens / args.steps
-        raw = {"loraforge": ours, "peft_trl": theirs, "tokens_per_step": tokens_per_step}
+        chosen = [key for key, _ in ROWS if key in args.rows.split(",")]
+        results: dict[str, list[dict]] = {key: [] for key in chosen}
+        outputs = {key: str(Path(scratch.name) / key) for key in chosen}
+        commands = {"loraforge": lambda: loraforge_command(args, outputs["loraforge"], training_only=False),
+                    "loraforge_train": lambda: loraforge_command(args, outputs["loraforge_train"], training_only=True),
+                    "peft_trl_defaults": lambda: peft_trl_command(args, outputs["peft_trl_defaults"], defaults=True),
+                    "peft_trl_matched": lambda: peft_trl_command(args, outputs["peft_trl_matched"], defaults=False)}
+        for run in range(args.runs):  # alternating: every round runs each row once
+            for key in chosen:
+                results[key].append(timed(commands[key]()))
+                print(f"round {run + 1}, {key}: {results[key][-1]['wall_s']:.1f} s, "
+                      f"{results[key][-1]['peak_mb']:,.0f} MB", file=sys.stderr, flush=True)
+        args.adapters = [str(Path(outputs[key]) / "adapter") for key in chosen]
+        losses = spawn(args, "validation")
+        med = {key: {m: statistics.median(r[m] for r in rows) for m in ("wall_s", "peak_mb")}
+               for key, rows in results.items()}
+        reference = "peft_trl_defaults" if "peft_trl_defaults" in med else chosen[-1]
+        print(f"| {args.steps} steps × batch {args.batch}, {args.device}, whole process, median of {args.runs} "
+              f"| wall (s) | peak RSS (MB) | wall / {reference} | memory / {reference} | validation loss |")
+        print("|---|---|---|---|---|---|")
+        for key, label in ROWS:
+            if key in med:
+                loss = losses[str(Path(outputs[key]) / "adapter")]
+                print(f"| {label} | {med[key]['wall_s']:.1f} | {med[key]['peak_mb']:,.0f} | "
+                      f"{med[key]['wall_s'] / med[reference]['wall_s']:.2f}× | "
+                      f"{med[key]['peak_mb'] / med[reference]['peak_mb']:.2f}× | {loss:.4f} |")
+        raw = {"runs": results, "validation_loss": losses}
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **raw}, indent=1))
 

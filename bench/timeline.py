@@ -30,7 +30,7 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def run(command: list[str]) -> dict:
+def run(command: list[str], echo: bool = True) -> dict:
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     process = psutil.Process(child.pid)
@@ -52,13 +52,15 @@ def run(command: list[str]) -> dict:
         now = time.perf_counter() - start
         rss = max((r for t, r in samples[-3:]), default=0)
         lines.append({"t": round(now, 2), "rss_mb": round(rss / 2**20), "line": line.rstrip()})
-        print(f"{now:7.1f}s {rss / 2**20:6.0f} MB  {line.rstrip()}", flush=True)
+        if echo:
+            print(f"{now:7.1f}s {rss / 2**20:6.0f} MB  {line.rstrip()}", flush=True)
     code = child.wait()
     done.set()
     sampler.join()
     wall = time.perf_counter() - start
     peak = max((r for _, r in samples), default=0)
-    print(f"{wall:7.1f}s  exit {code}; peak RSS {peak / 2**20:,.0f} MB")
+    if echo:
+        print(f"{wall:7.1f}s  exit {code}; peak RSS {peak / 2**20:,.0f} MB")
     return {"command": command, "wall_s": wall, "peak_rss_mb": peak / 2**20, "exit": code, "lines": lines,
             "rss": [(round(t, 2), round(r / 2**20)) for t, r in samples]}
 
