@@ -85,7 +85,7 @@ def loraforge_command(args, output: str, training_only: bool) -> list[str]:
                "overwrite=true"]
     if training_only:  # the same 960 training rows; no validation split, no comparison, no report
         command += ["data.split=[0.8,0.0,0.2]", "compare=false", "report=false", "tensorboard=false"]
-    return command
+    return command + args.ours
 
 
 def peft_trl_command(args, output: str, defaults: bool) -> list[str]:
@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="micro only")
     parser.add_argument("--base-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="micro only")
     parser.add_argument("--micro", action="store_true")
+    parser.add_argument("--ours", nargs="*", default=[],
+                        help="extra key=value overrides for both loraforge rows (e.g. gradient_checkpointing=true)")
     parser.add_argument("--json", help="write all raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)

@@ -7,8 +7,8 @@ The numbers are the findings of Schulman et al., "LoRA Without Regret" (Thinking
   fit of Thinking Machines' tinker-cookbook (hyperparam_utils.get_lr): 5e-5 · (2000 / hidden_size)^p, p = 0.781
   for Llama and 0.0775 for Qwen, measured at α = 32.
 - LoRA matches full fine-tuning while the dataset's information fits the adapter: capacity ≈ 2 bits per
-  trainable parameter (Allen-Zhu & Li 2024, "Physics of Language Models 3.3"), information ≈ the base model's
-  total log-loss over the training set, in bits.
+  trainable parameter (Allen-Zhu & Li 2024, "Physics of Language Models 3.3"), information ≈ the total log-loss
+  over the first epoch, in bits (before training: the base model's loss on a sample stands in for it).
 - Attention-only LoRA underperforms even at matched parameter count: the MLP / expert layers matter most.
 - LoRA pays a larger loss penalty than full fine-tuning for large batches, whatever the rank.
 """

@@ -40,6 +40,7 @@ def _train(args: argparse.Namespace) -> int | None:
     if using_demo:
         console.print("no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.evaluate import evaluate_models
+    from loraforge.hardware import autocast_dtype, autocast_for, resolve_precision
     from loraforge.train import train
 
     result = train(config, console, keep_model=config.compare and config.finetune != "full")
@@ -58,8 +59,10 @@ def _train(args: argparse.Namespace) -> int | None:
         else:
             console.print(f"answering {min(len(test), config.compare_samples)} held-out test prompts with the base "
                           "model and with the adapter …")
+            device, precision = resolve_precision(config)  # the precision training computed in
             evaluation = evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
-                                         config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len)
+                                         config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len,
+                                         autocast=autocast_for(device, autocast_dtype(precision)))
             _write_json(config.output / "evaluation.json", {"split": "test", **evaluation})
             _print_evaluation(evaluation, console)
     if config.report:

@@ -81,7 +81,8 @@ class _Answer:
 
 @torch.no_grad()
 def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapter: str | None,
-                     max_new_tokens: int, batch_size: int, max_seq_len: int) -> tuple[dict[str, float], list[_Answer]]:
+                     max_new_tokens: int, batch_size: int, max_seq_len: int,
+                     autocast=nullcontext) -> tuple[dict[str, float], list[_Answer]]:
     """The loss of the reference answers (as evaluate_loss) and the start of each greedy answer, from the same
     forward pass: the argmax at each reference position says how far greedy decoding would follow the
     reference (speculative decoding with the reference as the draft). A model that learned the task writes its
@@ -114,7 +115,8 @@ def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Se
                 chunk = order[begin : begin + batch_size]
                 batch = {k: v.to(device) for k, v in
                          collate([rows[i][0] for i in chunk], tokenizer.pad_token_id).items()}
-                loss_sum, n, predictions = loss_and_predictions(lora.model, batch)
+                with autocast():
+                    loss_sum, n, predictions = loss_and_predictions(lora.model, batch)
                 total, count = total + loss_sum, count + n
                 per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).tolist()
                 for i, row_predictions in zip(chunk, torch.split(predictions, per_row)):
@@ -143,7 +145,7 @@ def _follow(prompt: list[int], reference: list[int], greedy: list[int], max_new_
 
 
 def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str | None, list[_Answer]],
-                   batch_size: int) -> dict[str | None, list[str]]:
+                   batch_size: int, autocast=nullcontext) -> dict[str | None, list[str]]:
     """Greedy-decode what each answer still lacks, every adapter's rows in the same batches (continuous
     batching: rows leave when they end), and return the texts."""
     from loraforge.errors import LoraforgeError
@@ -162,15 +164,16 @@ def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str |
             try:
                 # Shortest first: rows admitted together share a length, and so little padding.
                 engine.submit(sorted(generations, key=lambda g: len(g.prompt_ids)))
-                while not all(g.done for g in generations):
-                    engine.step()
+                with autocast():
+                    while not all(g.done for g in generations):
+                        engine.step()
             finally:
                 lora.train(was_training)
             for (adapter, answer), generation in zip(open_rows, generations):
                 answer.tokens += generation.tokens
         else:
             for adapter, answer in open_rows:
-                with lora.using(adapter):
+                with lora.using(adapter), autocast():
                     answer.tokens += _generate_ids(lora, tokenizer, answer.prompt_ids + answer.tokens, answer.budget)
     return {adapter: [tokenizer.decode(a.tokens, skip_special_tokens=True).strip() for a in rows]
             for adapter, rows in answers.items()}
@@ -196,9 +199,11 @@ def _answer_prompts(conversations: Sequence, limit: int | None) -> tuple[list[Me
 
 def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapters: Sequence[str],
                     metric_names: Sequence[str] | str = "auto", limit: int | None = 100, max_new_tokens: int = 64,
-                    batch_size: int = 16, max_seq_len: int = 512, with_loss: bool = True) -> dict:
+                    batch_size: int = 16, max_seq_len: int = 512, with_loss: bool = True,
+                    autocast=nullcontext) -> dict:
     """Base and each adapter on the same held-out conversations: loss / perplexity, answer metrics and the
-    answers themselves (the evaluation.json the report shows)."""
+    answers themselves (the evaluation.json the report shows). `autocast`: a factory of the precision context
+    (after training: the one training used, so bf16 where the hardware computes it fast)."""
     prompts, references = _answer_prompts(conversations, limit)
     names = choose_metrics(references, metric_names)
     labels = {"base": None, **{a: a for a in adapters}}
@@ -208,13 +213,13 @@ def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Seq
         started: dict[str | None, list[_Answer]] = {}
         for label, adapter in labels.items():
             loss, started[adapter] = score_and_answer(lora, tokenizer, list(conversations)[:limit], adapter,
-                                                      max_new_tokens, batch_size, max_seq_len)
+                                                      max_new_tokens, batch_size, max_seq_len, autocast)
             models[label].update(loss=loss["loss"], perplexity=loss["perplexity"])
-        texts = finish_answers(lora, tokenizer, started, batch_size)
+        texts = finish_answers(lora, tokenizer, started, batch_size, autocast)
         answers = {label: texts[adapter] for label, adapter in labels.items()}
     else:
         for label, adapter in labels.items():
-            with lora.using(adapter):
+            with lora.using(adapter), autocast():
                 answers[label] = generate_answers(lora, tokenizer, prompts, max_new_tokens, batch_size)
     for label in labels:
         models[label].update(score(answers[label], references, names))

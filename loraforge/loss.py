@@ -29,6 +29,9 @@ def _plain_head(model: nn.Module) -> bool:
 # Logits of at most this many elements exist at once in the loss (256 MB in fp32); beyond it the head runs in
 # chunks whose logits are recomputed in backward instead of kept.
 LOGITS_CHUNK_ELEMENTS = 2**26
+# Scoring without gradients keeps smaller chunks: nothing is saved for backward, so small chunks cost no
+# recomputation, and the comparison's batches of 32 rows would otherwise hold ~200 MB of logits at once.
+SCORING_CHUNK_ELEMENTS = 2**23
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -52,7 +55,7 @@ def loss_and_predictions(model: nn.Module, batch: dict[str, torch.Tensor]) -> tu
     position, flattened row by row): scoring a reference and checking whether greedy decoding would write it,
     in one pass."""
     outputs, labels, head = _at_targets(model, batch)
-    rows = max(1, LOGITS_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
+    rows = max(1, SCORING_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
     total, predictions = 0.0, []
     for start in range(0, outputs.shape[0], rows):
         chunk = outputs[start : start + rows]

@@ -121,3 +121,14 @@ def test_the_reference_pass_keeps_what_greedy_decoding_would_write_and_only_that
     assert capped.tokens == [5, 6] and capped.done
     cut = _follow([7], [5, 6], [5, 6], max_new_tokens=10, eos=eos)  # a truncated reference: decoding goes on
     assert cut.tokens == [5, 6] and not cut.done and cut.budget == 8
+
+
+def test_the_comparison_computes_in_the_precision_it_is_given(tiny):
+    lora, tokenizer = tiny
+    conversations = [Conversation(p + [{"role": "assistant", "content": "send 3 mugs"}], f"t:{i}")
+                     for i, p in enumerate(_prompts())]
+    fp32 = evaluate_models(lora, tokenizer, conversations, [], ["exact_match"], max_new_tokens=4, max_seq_len=64)
+    bf16 = evaluate_models(lora, tokenizer, conversations, [], ["exact_match"], max_new_tokens=4, max_seq_len=64,
+                           autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    base32, base16 = fp32["models"]["base"]["loss"], bf16["models"]["base"]["loss"]
+    assert base16 != base32 and base16 == pytest.approx(base32, rel=0.05)
