@@ -70,7 +70,7 @@ def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, promp
 
 
 @dataclass
-class _Answer:
+class PartialAnswer:
     """A greedy answer being written: the tokens known so far, and how many more it may have."""
 
     prompt_ids: list[int]
@@ -82,7 +82,7 @@ class _Answer:
 @torch.no_grad()
 def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Sequence, adapter: str | None,
                      max_new_tokens: int, batch_size: int, max_seq_len: int,
-                     autocast=nullcontext) -> tuple[dict[str, float], list[_Answer]]:
+                     autocast=nullcontext) -> tuple[dict[str, float], list[PartialAnswer]]:
     """The loss of the reference answers (as evaluate_loss) and the start of each greedy answer, from the same
     forward pass: the argmax at each reference position says how far greedy decoding would follow the
     reference (speculative decoding with the reference as the draft). A model that learned the task writes its
@@ -131,7 +131,7 @@ def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Se
 
 
 def _follow(prompt: list[int], reference: list[int], greedy: list[int], max_new_tokens: int,
-            eos: frozenset[int]) -> _Answer:
+            eos: frozenset[int]) -> PartialAnswer:
     """The greedy answer as far as the reference pass shows it: the reference up to the first token greedy
     decoding would not write, plus the token it would write there."""
     k = next((j for j, (want, got) in enumerate(zip(reference, greedy)) if want != got), len(reference))
@@ -141,10 +141,10 @@ def _follow(prompt: list[int], reference: list[int], greedy: list[int], max_new_
         tokens = tokens[: stop + 1]
     tokens = tokens[:max_new_tokens]
     done = (bool(tokens) and tokens[-1] in eos) or len(tokens) >= max_new_tokens
-    return _Answer(prompt, tokens, max_new_tokens - len(tokens), done)
+    return PartialAnswer(prompt, tokens, max_new_tokens - len(tokens), done)
 
 
-def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str | None, list[_Answer]],
+def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str | None, list[PartialAnswer]],
                    batch_size: int, autocast=nullcontext) -> dict[str | None, list[str]]:
     """Greedy-decode what each answer still lacks, every adapter's rows in the same batches (continuous
     batching: rows leave when they end), and return the texts."""
@@ -210,7 +210,7 @@ def evaluate_models(lora, tokenizer: PreTrainedTokenizerBase, conversations: Seq
     models: dict[str, dict] = {label: {} for label in labels}
     answers: dict[str, list[str]] = {}
     if with_loss:
-        started: dict[str | None, list[_Answer]] = {}
+        started: dict[str | None, list[PartialAnswer]] = {}
         for label, adapter in labels.items():
             loss, started[adapter] = score_and_answer(lora, tokenizer, list(conversations)[:limit], adapter,
                                                       max_new_tokens, batch_size, max_seq_len, autocast)

@@ -138,8 +138,10 @@ def _summary(data: dict) -> str:
     parts = [f"model <b>{escape(config.get('model', '?'))}</b>"]
     if summary:
         parts.append(f"{summary.get('steps')} steps ({escape(summary.get('stopped'))})")
+        if summary.get("final_val_loss") is not None:
+            parts.append(f"final validation loss {summary['final_val_loss']:.4f}")
         if summary.get("best_val_loss") is not None:
-            parts.append(f"best validation loss {summary['best_val_loss']:.4f}")
+            parts.append(f"best on the validation sample {summary['best_val_loss']:.4f}")
         if summary.get("seconds") is not None:
             parts.append(f"{summary['seconds'] / 60:.1f} min")
     return f'<p class="summary">{" · ".join(parts)}</p>'
@@ -177,14 +179,21 @@ def _data_section(report: dict | None) -> str:
 def learning_curve_figure(rows: list[dict]):
     """Train and validation loss against step, from metrics.jsonl rows; None when there are none."""
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    # Intervals evaluate a fixed sample of the validation split (comparable with each other), the end the whole
+    # split: the sample's curve, and the whole split's points beside it.
+    val = [(r["step"], r.get("val_sample_loss", r["val_loss"])) for r in rows if "val_loss" in r]
+    largest = max((r.get("val_rows", 0) for r in rows if "val_loss" in r), default=0)
+    whole = [(r["step"], r["val_loss"]) for r in rows
+             if "val_sample_loss" in r and r.get("val_rows") == largest and r["val_loss"] != r["val_sample_loss"]]
     if not train and not val:
         return None
     fig, ax = new_figure(8, 3.6)
     if train:
         ax.plot(*zip(*train), label="train loss", alpha=0.8)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), "o-", label="validation loss" + (" (sample)" if whole else ""))
+    if whole:
+        ax.plot(*zip(*whole), "s", label="validation loss (whole split)")
     ax.set(xlabel="step", ylabel="loss (nats / target token)", title="learning curves")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -80,3 +80,13 @@ def test_report_without_evaluation_still_has_curves(tmp_path):
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(LoraforgeError, match="no run data in"):
         write_report(tmp_path)
+
+
+def test_the_learning_curve_plots_the_validation_sample_and_the_whole_split_apart():
+    from loraforge.report import learning_curve_figure
+
+    rows = [{"step": 1, "train_loss": 2.0}, {"step": 2, "val_loss": 1.5, "val_sample_loss": 1.5, "val_rows": 16},
+            {"step": 4, "val_loss": 1.1, "val_sample_loss": 1.0, "val_rows": 120}]
+    lines = {line.get_label(): list(line.get_ydata()) for line in learning_curve_figure(rows).axes[0].get_lines()}
+    assert lines["validation loss (sample)"] == [1.5, 1.0]  # comparable rows: the same sample every time
+    assert lines["validation loss (whole split)"] == [1.1]

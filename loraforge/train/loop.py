@@ -325,6 +325,6 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                if k not in ("losses", "lora", "tokenizer")}
     write_text(run.summary, json.dumps(summary, indent=1))
     console.print(f"done: {state.step} steps ({stopped}) in {result.seconds:.0f}s; {run.last(full).name} in "
-                  f"{result.adapter}" + (f"; best validation loss {result.best_val_loss:.4f} in {run.best}"
+                  f"{result.adapter}" + (f"; best on the validation sample {result.best_val_loss:.4f} in {run.best}"
                                          if result.best_val_loss is not None else ""))
     return result
