@@ -3,7 +3,6 @@ what does it cost to run."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import threading
 import time
@@ -18,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from loraforge.data import IGNORE_INDEX, Example, Messages, collate, render
-from loraforge.loss import causal_lm_loss, loss_and_predictions
+from loraforge.loss import causal_lm_loss, loss_and_predictions, perplexity
 from loraforge.metrics import choose_metrics, normalize, score
 
 
@@ -38,7 +37,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], pad_token_id: i
         total, count = total + loss_sum.item(), count + n
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}
 
 
 @torch.no_grad()
@@ -127,7 +126,7 @@ def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Se
     finally:
         lora.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}, answers
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}, answers
 
 
 def _follow(prompt: list[int], reference: list[int], greedy: list[int], max_new_tokens: int,

@@ -7,6 +7,8 @@ GRPO) brings its own loss next to this one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,11 @@ LOGITS_CHUNK_ELEMENTS = 2**26
 # Scoring without gradients keeps smaller chunks: nothing is saved for backward, so small chunks cost no
 # recomputation, and the comparison's batches of 32 rows would otherwise hold ~200 MB of logits at once.
 SCORING_CHUNK_ELEMENTS = 2**23
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean loss per token), capped at e^50 so that a diverged run still reports a finite number."""
+    return math.exp(min(loss, 50.0))
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

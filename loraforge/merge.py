@@ -18,6 +18,7 @@ from torch import nn
 
 from loraforge.errors import ConfigError
 from loraforge.evaluate import evaluate_loss
+from loraforge.loss import perplexity
 from loraforge.lora.layers import LoraLayer
 from loraforge.lora.targeting import unwrap
 from loraforge.quant import (INT8_THRESHOLD, QUANT_TYPES, compute_dtype_for, dequantize_model, is_quantized_linear,
@@ -57,7 +58,7 @@ class MergeReport:
 
     @property
     def perplexity(self) -> dict[str, float]:
-        return {key: math.exp(min(value, 50.0)) for key, value in self.loss.items()}
+        return {key: perplexity(value) for key, value in self.loss.items()}
 
     @property
     def update_error(self) -> float | None:

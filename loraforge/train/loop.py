@@ -33,6 +33,7 @@ from loraforge.data import PreparedData, collate, example_order, prepare_data, w
 from loraforge.demo import DEMO_DATA
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.evaluate import evaluate_loss
+from loraforge.loss import perplexity
 from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
                                 grad_scaler_for, resolve_precision)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
@@ -230,7 +231,7 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
             tokens = part["tokens"] + other["tokens"]
             loss = (part["loss"] * part["tokens"] + other["loss"] * other["tokens"]) / max(tokens, 1)
         rows = n_validation if full else len(sample)
-        metrics.log(state.step, val_loss=loss, val_perplexity=math.exp(min(loss, 50.0)), val_rows=rows,
+        metrics.log(state.step, val_loss=loss, val_perplexity=perplexity(loss), val_rows=rows,
                     val_sample_loss=part["loss"])
         if full or not rest:
             state.last_val_loss, state.last_val_step = loss, state.step
