@@ -204,10 +204,58 @@ class DataConfig(Section):
         return value
 
 
+class DpoOptions(Section):
+    """Direct preference optimisation (Rafailov et al. 2023) on prompt / chosen / rejected rows. The reference
+    model is the base with the adapter switched off: no second copy in memory."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (TRL's default 0.1).")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's loss; ipo: Azar et al.'s squared loss on per-token average "
+        "log-probabilities (as TRL)."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: the share of labels assumed flipped.")
+
+
+class GrpoOptions(Section):
+    """Group relative policy optimisation (Shao et al. 2024) on prompt rows and a reward written in Python."""
+
+    reward: list[str] | str = Field(
+        default_factory=list, description="Reward function(s): 'path/to/file.py:function' or 'module:function', "
+        "called as function(prompt_messages, completion_text, row) -> float with row the raw data row; a list for "
+        "several (summed with reward_weights)."
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward (default: all 1).")
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (TRL: num_generations).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    max_new_tokens: int = Field(64, ge=1, description="Completion length cap of the rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the base model (0, as TRL: no reference pass).")
+    epsilon: float = Field(0.2, gt=0, description="Clipping of the probability ratio: [1-epsilon, 1+epsilon_high].")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher; default epsilon).")
+    iterations: int = Field(1, ge=1, description="Optimizer steps on each rollout batch (TRL: num_iterations, μ).")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's std (false: Dr. GRPO).")
+    loss_type: Literal["dapo", "grpo"] = Field(
+        "dapo", description="dapo: token-level mean over the step's completion tokens (TRL's default); grpo: the "
+        "paper's mean per completion, then over completions."
+    )
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+STAGES = ("sft", "dpo", "grpo")
+
+
 class TrainConfig(Section):
     """One fine-tuning job: `loraforge train [config.yaml] [key=value ...]`."""
 
     model: str = Field("default", description="Base model: a local Hugging Face folder, or 'default' (SmolLM2-135M).")
+    stage: Literal["sft", "dpo", "grpo"] = Field(
+        "sft", description="sft: supervised answers; dpo: preference pairs (prompt/chosen/rejected); grpo: "
+        "reinforcement learning from a reward on prompt rows."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="A file path, or a data section.")
     output: Path = Field(Path("runs/demo"), description="Run folder: adapter, checkpoints, metrics, plots.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -276,6 +324,25 @@ class TrainConfig(Section):
     )
     report: bool = Field(True, description="Write report.html / report.json into the run folder at the end.")
     tensorboard: bool = Field(True, description="Write TensorBoard logs to output/tensorboard.")
+    dpo: DpoOptions = Field(default_factory=DpoOptions, description="Options of stage=dpo.")
+    grpo: GrpoOptions = Field(default_factory=GrpoOptions, description="Options of stage=grpo.")
+
+    @model_validator(mode="after")
+    def _stage_options(self) -> TrainConfig:
+        if self.stage != "sft" and self.finetune == "full":
+            raise ValueError(f"stage: {self.stage} uses the base with the adapter off as its reference; "
+                             "finetune=full has no adapter to switch off")
+        for name, options in (("dpo", DpoOptions), ("grpo", GrpoOptions)):
+            if self.stage != name and getattr(self, name) != options():
+                raise ValueError(f"{name}: options of stage={name}; stage={self.stage} does not read them")
+        if self.stage == "grpo":
+            if not self.grpo.reward:
+                raise ValueError("grpo.reward: stage=grpo needs a reward function, e.g. "
+                                 "grpo.reward=rewards.py:score")
+            weights = self.grpo.reward_weights
+            if weights is not None and len(weights) != len(self.grpo.reward):
+                raise ValueError(f"grpo.reward_weights: {len(weights)} weights for {len(self.grpo.reward)} rewards")
+        return self
 
     @field_validator("data", mode="before")
     @classmethod

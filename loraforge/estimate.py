@@ -353,6 +353,7 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
     from loraforge.lora import DEFAULT_ADAPTER, LoraModel
     from loraforge.models import enable_gradient_checkpointing
     from loraforge.optim import build_optimizer, build_scheduler
+    from loraforge.train.client import TrainingClient
     from loraforge.train.step import train_step
     from loraforge.train.trainee import AdapterTrainee, FullModelTrainee
 
@@ -374,12 +375,13 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
             enable_gradient_checkpointing(model)
         optimizer = build_optimizer(trainee.parameter_groups(config), config)
         scheduler = build_scheduler(optimizer, config, 2)
-        scaler = grad_scaler_for(device, amp_dtype)
+        client = TrainingClient(trainee, optimizer, scheduler, scaler=grad_scaler_for(device, amp_dtype),
+                                autocast=autocast, max_grad_norm=1.0)
         step_seconds = []
         for step in (1, 2):  # the first step also creates the optimizer states
             sync()
             start = time.perf_counter()
-            train_step(trainee, [batch], optimizer, scheduler, scaler, autocast, step, max_grad_norm=1.0)
+            train_step(client, [batch])
             sync()
             step_seconds.append(time.perf_counter() - start)
         with torch.no_grad(), autocast():
@@ -389,7 +391,7 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
             sync()
             forward_seconds = time.perf_counter() - start
     measured_peak = peak.peak_mb * 2**20 - baseline
-    del model, trainee, optimizer, scheduler
+    del model, trainee, optimizer, scheduler, client
     _release_memory(device)
     forward_flops = est.flops_per_token["full"] / 3 * est.batch_size * est.seq_len
     rate = forward_flops / forward_seconds

@@ -148,7 +148,7 @@ def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str |
     """Greedy-decode what each answer still lacks, every adapter's rows in the same batches (continuous
     batching: rows leave when they end), and return the texts."""
     from loraforge.errors import LoraforgeError
-    from loraforge.serve.engine import Engine, Generation, SamplingParams
+    from loraforge.serve.engine import Engine, Failed, Generation, SamplingParams
 
     open_rows = [(adapter, answer) for adapter, rows in answers.items() for answer in rows if not answer.done]
     if open_rows:
@@ -157,19 +157,16 @@ def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str |
             engine = Engine(lora, tokenizer, max_batch=max(batch_size, 1))
         except LoraforgeError:  # a cache the engine cannot batch (sliding windows): one row at a time
             engine = None
+        lora.train(was_training)
         if engine is not None:
             generations = [Generation(a.prompt_ids + a.tokens, adapter, SamplingParams(a.budget), index=i)
                            for i, (adapter, a) in enumerate(open_rows)]
-            try:
-                # Shortest first: rows admitted together share a length, and so little padding.
-                engine.submit(sorted(generations, key=lambda g: len(g.prompt_ids)))
-                with autocast():
-                    while not all(g.done for g in generations):
-                        engine.step()
-            finally:
-                lora.train(was_training)
-            for (adapter, answer), generation in zip(open_rows, generations):
-                answer.tokens += generation.tokens
+            with autocast():
+                events = engine.run(generations)
+            for (adapter, answer), event in zip(open_rows, events):
+                if isinstance(event, Failed):
+                    raise LoraforgeError(f"generating an answer failed: {event.message}")
+                answer.tokens += event.token_ids
         else:
             for adapter, answer in open_rows:
                 with lora.using(adapter), autocast():

@@ -1,8 +1,9 @@
-"""The training loss: summed next-token cross-entropy over the tokens that carry a label.
+"""What every training loss is made of: the model's log-probability of each target token, and SFT's summed
+next-token cross-entropy over them.
 
 Summed, not averaged: the trainer divides by the target tokens of the whole step (all micro-batches), so every
-token weighs the same however the batch is split (nanoGPT averages per micro-batch instead). Another stage (DPO,
-GRPO) brings its own loss next to this one.
+token weighs the same however the batch is split (nanoGPT averages per micro-batch instead). The other stages'
+losses (DPO, GRPO: objectives.py) are functions of the same per-token log-probabilities.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over target tokens, number of target tokens).
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(label) at every target position, flattened row by row (the order of `labels[:, 1:] != -100`).
 
     The output head runs only on positions that carry loss: with a 49k vocabulary the head is a large
     share of a small model's compute, and prompt tokens need no logits. Packed batches (see data.collate)
@@ -50,10 +51,14 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """
     outputs, labels, head = _at_targets(model, batch)
     if head is not None:
-        loss = head_cross_entropy(head, outputs, labels, model.config.get_text_config().vocab_size)
-    else:
-        loss = F.cross_entropy(outputs.float(), labels, reduction="sum")
-    return loss, int(labels.numel())
+        return -head_cross_entropy(head, outputs, labels, model.config.get_text_config().vocab_size)
+    return -F.cross_entropy(outputs.float(), labels, reduction="none")
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over target tokens, number of target tokens)."""
+    logprobs = token_logprobs(model, batch)
+    return -logprobs.sum(), int(logprobs.numel())
 
 
 @torch.no_grad()
@@ -91,21 +96,20 @@ def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Summed cross-entropy of head(hidden) against labels, never holding more than LOGITS_CHUNK_ELEMENTS logits."""
+    """Cross-entropy of head(hidden) against labels, per token, never holding more than LOGITS_CHUNK_ELEMENTS
+    logits: beyond that the head runs in chunks whose logits are recomputed in backward instead of kept."""
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
+        return F.cross_entropy(head(h).float(), y, reduction="none")
 
     rows = max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
     if hidden.shape[0] <= rows:
         return chunk_loss(hidden, labels)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    chunks = []
     for start in range(0, hidden.shape[0], rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]
         if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+            chunks.append(checkpoint(chunk_loss, h, y, use_reentrant=False))
         else:
-            total = total + chunk_loss(h, y)
-    return total
-
-
+            chunks.append(chunk_loss(h, y))
+    return torch.cat(chunks)

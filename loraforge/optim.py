@@ -12,13 +12,15 @@ from loraforge.lora import LoraModel
 B_FACTOR_NAMES = (".lora_B.", ".lora_embedding_B.")
 
 
-def parameter_groups(lora: LoraModel, config: TrainConfig) -> list[dict]:
+def parameter_groups(lora: LoraModel, config: TrainConfig, adapter: str | None = None) -> list[dict]:
     """Group "adapter" at `lr`: A factors and every other adapter tensor (DoRA magnitudes, LoHa/LoKr factors,
     modules_to_save copies); group "lora_B" at `lora.plus_ratio × lr` (LoRA+, Hayou et al. 2024: B sees a much
-    larger effective learning rate at the optimum, ratio ~16)."""
+    larger effective learning rate at the optimum, ratio ~16). `adapter`: only that adapter's tensors (several
+    adapters training on one base each have their own optimizer)."""
+    own = None if adapter is None else {id(p) for p in lora.adapter_parameters(adapter)}
     a_params, b_params = [], []
     for name, param in lora.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad and (own is None or id(param) in own):
             (b_params if any(key in name + "." for key in B_FACTOR_NAMES) else a_params).append(param)
     groups = [{"params": a_params, "lr": config.lr, "name": "adapter"}]
     if b_params:

@@ -213,9 +213,9 @@ def tiny_model_dir(tmp_path_factory):
 def crash_loss_at_call(monkeypatch, call: int):
     """Make the training loop's loss raise RuntimeError("power cut") at its `call`-th call (a crash mid-run);
     returns the real loss function, to put back with monkeypatch.setattr before resuming."""
-    import loraforge.train.step as step_module
+    import loraforge.train.client as client_module
 
-    original = step_module.causal_lm_loss
+    original = client_module.token_logprobs
     calls = {"n": 0}
 
     def crashing(model, batch):
@@ -224,5 +224,5 @@ def crash_loss_at_call(monkeypatch, call: int):
             raise RuntimeError("power cut")
         return original(model, batch)
 
-    monkeypatch.setattr(step_module, "causal_lm_loss", crashing)
+    monkeypatch.setattr(client_module, "token_logprobs", crashing)
     return original

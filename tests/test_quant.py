@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraforge import LoraConfig, LoraModel
 from loraforge import quant as quant_module
-from loraforge.train import step as step_module
+from loraforge.train import client as client_module
 from loraforge.train.checkpoint import complete_checkpoints
 from loraforge.config import load_train_config
 from loraforge.data import Example
@@ -329,7 +329,7 @@ def test_qlora_resume_is_step_exact(qlora_run, tiny_model_dir, small_data, tmp_p
     with pytest.raises(RuntimeError, match="power cut"):
         train(_qlora_config(tiny_model_dir, small_data, tmp_path))
     assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step-0000004"
-    monkeypatch.setattr(step_module, "causal_lm_loss", original)
+    monkeypatch.setattr(client_module, "token_logprobs", original)
     resumed = train(_qlora_config(tiny_model_dir, small_data, tmp_path, "resume=true"))
     assert resumed.losses == straight.losses[4:]
 

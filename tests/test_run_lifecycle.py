@@ -21,7 +21,7 @@ from loraforge.config import load_train_config
 from loraforge.demo import DEMO_DATA
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.train import checkpoint as checkpoint_module
-from loraforge.train import step as step_module
+from loraforge.train import client as client_module
 from loraforge.train import train
 from loraforge.train.checkpoint import complete_checkpoints, verify_checkpoint
 
@@ -117,7 +117,7 @@ def test_every_method_resumes_step_exactly_after_a_crash(method, tiny_model_dir,
     with pytest.raises(RuntimeError, match="power cut"):
         _train(tiny_model_dir, small_data, crashed, *extra)
     assert [p.name for p in complete_checkpoints(crashed / "checkpoints")] == ["step-0000002", "step-0000004"]
-    monkeypatch.setattr(step_module, "causal_lm_loss", original)
+    monkeypatch.setattr(client_module, "token_logprobs", original)
     result = _train(tiny_model_dir, small_data, crashed, *extra, "resume=true")
     assert result.steps == 6 and len(result.losses) == 2
     assert _losses(crashed) == _losses(straight) and _losses(crashed, "val_loss") == _losses(straight, "val_loss")
@@ -135,7 +135,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(damage, tiny_model_d
     original = crash_loss_at_call(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="power cut"):
         _train(tiny_model_dir, small_data, run, "save_every=2")
-    monkeypatch.setattr(step_module, "causal_lm_loss", original)
+    monkeypatch.setattr(client_module, "token_logprobs", original)
     newest = complete_checkpoints(run / "checkpoints")[-1]
     target = newest / "optimizer.safetensors"
     data = bytearray(target.read_bytes())
@@ -189,14 +189,14 @@ def test_a_run_without_validation_reports_no_best(tiny_model_dir, small_data, tm
 
 
 def test_a_stop_request_is_honoured_on_a_skipped_nan_step(tiny_model_dir, small_data, tmp_path, monkeypatch):
-    original = step_module.causal_lm_loss
+    original = client_module.token_logprobs
 
     def nan_then_stop(model, batch):
-        loss, count = original(model, batch)
+        logprobs = original(model, batch)
         os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives during a step whose loss is NaN
-        return loss * float("nan"), count
+        return logprobs * float("nan")
 
-    monkeypatch.setattr(step_module, "causal_lm_loss", nan_then_stop)
+    monkeypatch.setattr(client_module, "token_logprobs", nan_then_stop)
     result = _train(tiny_model_dir, small_data, tmp_path / "run")
     assert result.stopped == "interrupted" and result.steps == 0 and result.skipped_steps == 1
 

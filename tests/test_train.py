@@ -19,7 +19,8 @@ from loraforge.lora import LoraModel
 from loraforge.optim import lr_factor, parameter_groups
 from loraforge.train import log as log_module
 from loraforge.train import loop as loop_module
-from loraforge.train import step as step_module
+from loraforge.train import sft as sft_module
+from loraforge.train import client as client_module
 from loraforge.train import train
 
 
@@ -94,7 +95,7 @@ def test_crash_mid_training_keeps_last_complete_checkpoint_and_resumes(tiny_mode
     with pytest.raises(RuntimeError, match="power cut"):
         train(_config(tiny_model_dir, small_data, crashed, "save_every=2"))
     assert [p.name for p in complete_checkpoints(crashed / "checkpoints")] == ["step-0000002", "step-0000004"]
-    monkeypatch.setattr(step_module, "causal_lm_loss", original)
+    monkeypatch.setattr(client_module, "token_logprobs", original)
     train(_config(tiny_model_dir, small_data, crashed, "save_every=2", "resume=true"))
     assert _metric(crashed, "train_loss") == _metric(straight, "train_loss")
     a, b = _adapter(straight), _adapter(crashed)
@@ -110,15 +111,15 @@ def test_incomplete_checkpoint_is_ignored(tiny_model_dir, small_data, tmp_path):
 
 
 def _nan_at(calls_to_poison: set[int], monkeypatch):
-    original = step_module.causal_lm_loss
+    original = client_module.token_logprobs
     calls = {"n": 0}
 
     def poisoned(model, batch):
         calls["n"] += 1
-        loss, count = original(model, batch)
-        return (loss * float("nan"), count) if calls["n"] in calls_to_poison else (loss, count)
+        logprobs = original(model, batch)
+        return logprobs * float("nan") if calls["n"] in calls_to_poison else logprobs
 
-    monkeypatch.setattr(step_module, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(client_module, "token_logprobs", poisoned)
 
 
 def test_nan_step_is_skipped_and_counted(tiny_model_dir, small_data, tmp_path, monkeypatch):
@@ -147,7 +148,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, small_data, tmp_p
         saved_at.append(directory.name.split(".")[1])  # written as .best.XXXX.tmp, then swapped in as best/
         return original_save(self, directory, adapter_names)
 
-    monkeypatch.setattr(loop_module, "evaluate_loss", fake_evaluate)
+    monkeypatch.setattr(sft_module, "evaluate_loss", fake_evaluate)
     monkeypatch.setattr(LoraModel, "save", recording_save)
     result = train(_config(tiny_model_dir, small_data, tmp_path, "max_steps=40", "eval_every=2", "patience=2"))
     assert result.stopped == "early_stopping" and result.steps == 8

@@ -42,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: every answer runs to max_new_tokens
+    logprobs: bool = False  # return each chosen token's log-probability under the model (temperature 1, no top-p)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Finished:
     reason: str  # "stop" (end-of-sequence token or stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()  # the completion as generated (text alone would not round-trip)
+    logprobs: tuple[float, ...] | None = None  # with SamplingParams.logprobs
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Generation:
     strip: bool = False
     on_exit: Callable[[], None] | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
     text: TextStream | None = None
@@ -181,6 +185,24 @@ class Engine:
         done.wait()
         return [results[i] for i in range(len(generations))]
 
+    def run(self, generations: Sequence[Generation]) -> list[Finished | Failed]:
+        """Submit and step until every generation is done, on the calling thread (for batch jobs: evaluation,
+        rollouts; the scheduler thread must not be running). The model's train/eval mode is restored after."""
+        results: dict[int, Finished | Failed] = {}
+        for position, generation in enumerate(generations):
+            generation.emit = lambda event, position=position: (
+                results.__setitem__(position, event) if isinstance(event, (Finished, Failed)) else None)
+        was_training = self.lora.training
+        self.lora.eval()
+        try:
+            # Shortest first: rows admitted together share a length, and so little padding.
+            self.submit(sorted(generations, key=lambda g: len(g.prompt_ids)))
+            while len(results) < len(generations):
+                self.step()
+        finally:
+            self.lora.train(was_training)
+        return [results[i] for i in range(len(generations))]
+
     # -- the scheduler thread ------------------------------------------------------------------------
     def _run(self) -> None:
         if self.threads:
@@ -259,6 +281,11 @@ class Engine:
         for i, generation in enumerate(generations):
             if generation.params.temperature > 0:
                 tokens[i] = _sample(logits[i], generation.params, generation.generator)
+        wanted = [i for i, g in enumerate(generations) if g.params.logprobs]
+        if wanted:
+            chosen = torch.log_softmax(logits[wanted], -1).gather(1, tokens[wanted, None])[:, 0].tolist()
+            for i, logprob in zip(wanted, chosen):
+                generations[i].logprobs.append(logprob)
         return tokens.tolist()
 
     def _accept(self, generations: list[Generation], tokens: list[int]) -> None:
@@ -280,7 +307,8 @@ class Engine:
                 if piece and generation.stream:
                     generation.emit(Delta(generation.index, piece))
                 generation.emit(Finished(generation.index, text.text, reason, len(generation.prompt_ids),
-                                         len(generation.tokens)))
+                                         len(generation.tokens), tuple(generation.tokens),
+                                         tuple(generation.logprobs) if params.logprobs else None))
                 generation.done = True
 
     def _drop_done(self) -> None:

@@ -24,6 +24,7 @@ from loraforge.atomic import file_sha256, fsync_path, write_folder
 from loraforge.train.state import TrainingState
 from loraforge.train.trainee import AdapterTrainee, Trainee
 
+STAGE_FILE = "stage.safetensors"
 MARKER = "COMPLETE"
 PREFIX = "step-"
 
@@ -45,15 +46,27 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_checkpoint(folder: Path, trainee: Trainee, optimizer: torch.optim.Optimizer, scheduler,
-                    state: TrainingState, keep: int) -> Path:
+                    state: TrainingState, keep: int, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the checkpoint of `state.step`, then drop all but the newest `keep`. A failure (a full disk) leaves
-    no partial folder and every earlier checkpoint as it was."""
-    final = folder / checkpoint_name(state.step)
+    no partial folder and every earlier checkpoint as it was. `extra`: a stage's own tensors (GRPO's current
+    rollout batch), given back by load_checkpoint."""
+    final = write_checkpoint(folder / checkpoint_name(state.step), trainee, optimizer, scheduler, state, extra)
+    for old in complete_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(folder)
+    return final
+
+
+def write_checkpoint(final: Path, trainee: Trainee, optimizer: torch.optim.Optimizer, scheduler,
+                     state: TrainingState, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """One checkpoint folder at `final`, built aside and renamed into place once complete."""
 
     def fill(tmp: Path) -> None:
         _save_tensors(trainee.checkpoint_tensors(), tmp / "trainee.safetensors")
         optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
         _save_tensors(optimizer_tensors, tmp / "optimizer.safetensors")
+        if extra:
+            _save_tensors(extra, tmp / STAGE_FILE)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -68,10 +81,13 @@ def save_checkpoint(folder: Path, trainee: Trainee, optimizer: torch.optim.Optim
         (tmp / MARKER).write_text(json.dumps(manifest, indent=1))  # last: it lists every other file
 
     write_folder(final, fill)
-    for old in complete_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_path(folder)
     return final
+
+
+def stage_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The stage's own tensors of a checkpoint (empty when it saved none)."""
+    file = path / STAGE_FILE
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -1,11 +1,13 @@
-"""Supervised fine-tuning, top to bottom: the run folder → base model and data → what trains → the steps →
+"""Fine-tuning, top to bottom: the run folder → base model and the stage's data → what trains → the steps →
 validation and the best adapter → checkpoints → the last adapter, metrics and learning curve.
 
     result = train(load_train_config("job.yaml", ["lr=1e-3"]))
 
 The parts live next to this file: run_folder.py (layout, refusing to mix runs, the resume fingerprint),
-trainee.py (an adapter or the whole model behind one protocol), step.py (one optimizer step, no I/O),
-checkpoint.py (crash-safe checkpoints), state.py (the typed training state), log.py (metrics, TensorBoard).
+stage.py (what SFT, DPO and GRPO each bring: data, objective, micro-batches, validation), trainee.py (an adapter
+or the whole model behind one protocol), client.py (forward_backward / optim_step / sample), step.py (one
+optimizer step, no I/O), checkpoint.py (crash-safe checkpoints), state.py (the typed training state), log.py
+(metrics, TensorBoard).
 """
 
 from __future__ import annotations
@@ -29,20 +31,18 @@ from loraforge.advise import (adapter_layout, capacity_advice, nats_to_bits, pri
 from loraforge.atomic import write_folder, write_text
 from loraforge.config import TrainConfig
 from loraforge.console import make_console
-from loraforge.data import PreparedData, collate, example_order, prepare_data, write_jsonl
-from loraforge.demo import DEMO_DATA
 from loraforge.errors import ConfigError, TrainingError
-from loraforge.evaluate import evaluate_loss
-from loraforge.loss import perplexity
 from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
                                 grad_scaler_for, resolve_precision)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
 from loraforge.memory import release_checkpoint_mapping
 from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model
 from loraforge.optim import build_optimizer, build_scheduler
-from loraforge.train.checkpoint import load_checkpoint, save_checkpoint
+from loraforge.train.checkpoint import load_checkpoint, save_checkpoint, stage_tensors
+from loraforge.train.client import TrainingClient
 from loraforge.train.log import MetricsLog, plot_learning_curve
 from loraforge.train.run_folder import RunFolder
+from loraforge.train.stage import Stage, stage_for
 from loraforge.train.state import TrainingState
 from loraforge.train.step import train_step
 from loraforge.train.trainee import AdapterTrainee, FullModelTrainee, Trainee
@@ -56,13 +56,15 @@ class TrainResult:
     adapter: Path  # the last adapter, or with finetune=full the last whole model
     best_adapter: Path | None
     final_val_loss: float | None  # of the last adapter (None when the run was interrupted before evaluating it)
-    best_val_loss: float | None
+    best_val_loss: float | None  # stage=grpo: these two are the mean validation reward (see val_metric)
     skipped_steps: int
     seconds: float
     dataset_bits: float | None = None  # the capacity advisor's information, measured over the first epoch
     losses: list[float] = field(default_factory=list)  # this process's steps
     lora: LoraModel | None = field(default=None, repr=False)  # with keep_model: the trained model, live
     tokenizer: object = field(default=None, repr=False)
+    stage: str = "sft"
+    val_metric: str = "loss"  # what final_val_loss / best_val_loss hold: the loss, or for grpo the reward
 
 
 class StopRequest:
@@ -113,12 +115,6 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
     return max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
 
 
-def save_run_inputs(root: Path, data: PreparedData) -> None:
-    for name in ("train", "validation", "test"):
-        write_jsonl(getattr(data, name).conversations, root / "data" / f"{name}.jsonl")
-    write_text(root / "data_report.json", json.dumps(data.report.to_dict(), indent=1))
-
-
 def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
                   amp_dtype: torch.dtype | None, say: Callable[[str], None]) -> Trainee:
     if config.finetune == "full":
@@ -141,18 +137,6 @@ def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps:
             say(f"frozen weights of adapted layers kept in {str(storage).removeprefix('torch.')}: "
                 f"{saved / 2**20:,.0f} MB saved")
     return trainee
-
-
-def next_micro_batches(data: PreparedData, config: TrainConfig, state: TrainingState, pad_id: int,
-                       device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """The next step's micro-batches from the seeded data order; advances state.consumed."""
-    per_step = config.batch_size * config.grad_accum
-    indices = example_order(len(data.train.examples), config.seed, state.consumed, per_step)
-    state.consumed += per_step
-    examples = data.train.examples
-    return [{k: v.to(device) for k, v in collate([examples[i] for i in indices[k0 : k0 + config.batch_size]],
-                                                 pad_id, config.packing).items()}
-            for k0 in range(0, per_step, config.batch_size)]
 
 
 def measured_information(state: TrainingState, train_targets: int) -> tuple[float, str] | None:
@@ -184,64 +168,66 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    # Base model, data, what trains.
+    # Base model, the stage's data, what trains.
     model, tokenizer = load_model(config.model, device=device, quant=config.quant)
-    data = prepare_data(config.data, tokenizer, config.max_seq_len, config.seed, default_path=DEMO_DATA)
-    save_run_inputs(run.root, data)
-    report = data.report
-    console.print(f"data: {report.rows_read} rows read, {report.kept} kept ({report.rows_invalid} invalid, "
-                  f"{report.duplicates_dropped} duplicates, {report.empty_turns_dropped} empty turns, "
-                  f"{report.truncated} truncated) → train/validation/test {report.split_sizes}")
-    steps = total_steps(config, len(data.train.examples))
+    stage: Stage = stage_for(config, device)
+    data = stage.prepare(config, tokenizer, run.root, console.print)
+    console.print(data.summary)
+    steps = total_steps(config, len(data.train))
     trainee = build_trainee(config, model, tokenizer, steps, amp_dtype, console.print)
     console.print(trainee.describe())
     optimizer = build_optimizer(trainee.parameter_groups(config), config)
     scheduler = build_scheduler(optimizer, config, steps)
-    scaler = grad_scaler_for(device, amp_dtype)
-    autocast = autocast_for(device, amp_dtype)
+    client = TrainingClient(trainee, optimizer, scheduler, scaler=grad_scaler_for(device, amp_dtype),
+                            autocast=autocast_for(device, amp_dtype), max_grad_norm=config.max_grad_norm,
+                            tokenizer=tokenizer)
+    if (line := stage.describe()) is not None:
+        console.print(line)
 
     layout = adapter_layout(trainee.lora) if isinstance(trainee, AdapterTrainee) else None
-    print_advice(training_advice(config, model.config, layout, steps), console)
-    train_targets = target_tokens_of(data.train.examples)
+    print_advice(training_advice(config, model.config, layout, steps, data.train_bits), console)
+    sft = stage.name == "sft"
+    train_targets = target_tokens_of(data.train) if sft else 0
 
     state = TrainingState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainee, optimizer, scheduler)
+        stage.load_state_tensors(stage_tensors(resume_from))
         console.print(f"resumed from {resume_from} (step {state.step})")
+    client.steps = state.step
     metrics = MetricsLog(run.metrics, run.tensorboard if config.tensorboard else None,
                          state.step if resume_from is not None else None)
     eval_every = config.eval_every or max(1, steps // 10)
     # The same rows at every interval (comparable: best/ and patience go by them), the whole split at the end.
-    n_validation = len(data.validation.examples)
-    sample, rest = evenly_spaced(data.validation.examples,
-                                 validation_sample_size(config, eval_every, n_validation))
+    n_validation = len(data.validation)
+    sample, rest = evenly_spaced(data.validation, validation_sample_size(config, eval_every, n_validation))
     if n_validation:
         console.print(f"validation: {len(sample)} of {n_validation} rows every {eval_every} steps"
                       + (f", all {n_validation} at the end" if rest else ""))
+    better = (lambda a, b: a > b) if stage.higher_is_better else (lambda a, b: a < b)
 
     def validate(full: bool) -> float | None:
-        """The validation sample's loss (what best/ and patience compare); with `full`, also the whole split's,
-        which becomes the adapter's validation loss."""
+        """The validation sample's figure (what best/ and patience compare); with `full`, also the whole split's,
+        which becomes the adapter's validation figure."""
         if not sample:
             return None
-        part = evaluate_loss(trainee.model, sample, tokenizer.pad_token_id, config.batch_size, device, autocast)
-        loss, tokens = part["loss"], part["tokens"]
-        if full and rest:
-            other = evaluate_loss(trainee.model, rest, tokenizer.pad_token_id, config.batch_size, device, autocast)
-            tokens = part["tokens"] + other["tokens"]
-            loss = (part["loss"] * part["tokens"] + other["loss"] * other["tokens"]) / max(tokens, 1)
+        part = stage.validate(client, sample)
+        whole = part.combined(stage.validate(client, rest)) if full and rest else part
+        figures = stage.finish_metrics(whole.metrics)
         rows = n_validation if full else len(sample)
-        metrics.log(state.step, val_loss=loss, val_perplexity=perplexity(loss), val_rows=rows,
-                    val_sample_loss=part["loss"])
+        metrics.log(state.step, **{f"val_{k}": v for k, v in figures.items()}, val_rows=rows,
+                    **{f"val_sample_{stage.metric}": part.metrics[stage.metric]})
+        value = figures[stage.metric]
         if full or not rest:
-            state.last_val_loss, state.last_val_step = loss, state.step
-        console.print(f"step {state.step}: validation loss {loss:.4f} "
-                      f"({'all' if rows == n_validation else f'{rows} of'} {n_validation} rows)")
-        return part["loss"]
+            state.last_val_loss, state.last_val_step = value, state.step
+        extra = "".join(f", {k} {v:.4f}" for k, v in figures.items() if k not in (stage.metric, "perplexity"))
+        console.print(f"step {state.step}: validation {stage.metric} {value:.4f}{extra} "
+                      f"({'all' if rows == n_validation else f'{rows} of'} {n_validation} rows)", highlight=False)
+        return part.metrics[stage.metric]
 
     def keep_if_best(val: float) -> bool:
         """Save the adapter to best/ when it improves; True when patience has run out."""
-        if state.best_val_loss is None or val < state.best_val_loss:
+        if state.best_val_loss is None or better(val, state.best_val_loss):
             state.best_val_loss, state.evals_without_improvement = val, 0
             write_folder(run.best, trainee.save)  # weights and config appear together
             return False
@@ -252,20 +238,19 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     stopped, losses = "max_steps", []
-    per_step, n_train = config.batch_size * config.grad_accum, len(data.train.examples)
+    per_step, n_train = config.batch_size * config.grad_accum, len(data.train)
     with StopRequest() as stop, Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("train", total=steps, completed=state.step, loss="-", lr="-", speed="-")
         while state.step < steps:
             tick = time.perf_counter()
-            result = train_step(trainee, next_micro_batches(data, config, state, tokenizer.pad_token_id, device), optimizer, scheduler,
-                                scaler, autocast, state.step + 1, config.max_grad_norm)
+            result = train_step(client, stage.micro_batches(client, state), stage.objective)
             if result.applied:
-                if state.consumed - per_step < n_train:  # this step started inside the first epoch
+                if sft and state.consumed - per_step < n_train:  # this step started inside the first epoch
                     state.first_epoch_nats += result.loss * result.targets
                     state.first_epoch_targets += result.targets
                 state.step, state.bad_in_row = state.step + 1, 0
                 losses.append(result.loss)
-                if state.step == 1 and layout is not None:
+                if sft and state.step == 1 and layout is not None:
                     # The adapter starts as a no-op, so step 1's loss is the base's on its rows: an estimate of
                     # the dataset's information before anything is learned, at no extra cost.
                     print_advice([capacity_advice(nats_to_bits(result.loss, train_targets), layout, config.lora.r,
@@ -274,7 +259,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                 seconds = time.perf_counter() - tick
                 lr = optimizer.param_groups[0]["lr"]
                 metrics.log(state.step, train_loss=result.loss, lr=lr, tokens_per_s=result.tokens / seconds,
-                            grad_norm=result.grad_norm, step_s=seconds)
+                            grad_norm=result.grad_norm, step_s=seconds,
+                            **{f"train_{k}": v for k, v in {**result.stats, **stage.step_stats()}.items()})
                 progress.update(bar, completed=state.step, loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                                 speed=f"{result.tokens / seconds:.0f}")
                 if state.step % eval_every == 0 or state.step == steps:
@@ -294,7 +280,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
             if (config.save_every and result.applied and state.step % config.save_every == 0) \
                     or state.step == steps or stopped != "max_steps":
                 try:
-                    save_checkpoint(run.checkpoints, trainee, optimizer, scheduler, state, config.keep_checkpoints)
+                    save_checkpoint(run.checkpoints, trainee, optimizer, scheduler, state, config.keep_checkpoints,
+                                    stage.state_tensors())
                 except OSError as error:  # a full disk, a lost mount: nothing earlier is touched
                     raise TrainingError(f"could not write the checkpoint of step {state.step} in {run.checkpoints}: "
                                         f"{error}. The checkpoints before it are intact; free space and resume=true"
@@ -305,8 +292,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     for line in trainee.finish():
         console.print(line)  # AdaLoRA: pruned to its final allocation, per-layer ranks
     if stopped != "interrupted" and state.last_val_step != state.step:
-        validate(full=True)  # the final adapter's own validation loss (early stopping ends between full ones)
-    information = measured_information(state, train_targets)
+        validate(full=True)  # the final adapter's own validation figure (early stopping ends between full ones)
+    information = measured_information(state, train_targets) if sft else None
     if information is not None and layout is not None:
         bits, source = information
         print_advice([capacity_advice(bits, layout, config.lora.r, source)], console)
@@ -319,13 +306,13 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
         output=run.root, steps=state.step, stopped=stopped, adapter=run.last(full),
         best_adapter=run.best if state.best_val_loss is not None else None, final_val_loss=final_val,
         best_val_loss=state.best_val_loss, skipped_steps=state.skipped_steps,
-        seconds=time.perf_counter() - started, dataset_bits=information[0] if information else None, losses=losses,
-        lora=trainee.lora if keep_model and isinstance(trainee, AdapterTrainee) else None,
-        tokenizer=tokenizer if keep_model else None)
+        seconds=time.perf_counter() - started, dataset_bits=information[0] if information else data.train_bits,
+        losses=losses, lora=trainee.lora if keep_model and isinstance(trainee, AdapterTrainee) else None,
+        tokenizer=tokenizer if keep_model else None, stage=stage.name, val_metric=stage.metric)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()
                if k not in ("losses", "lora", "tokenizer")}
     write_text(run.summary, json.dumps(summary, indent=1))
     console.print(f"done: {state.step} steps ({stopped}) in {result.seconds:.0f}s; {run.last(full).name} in "
-                  f"{result.adapter}" + (f"; best on the validation sample {result.best_val_loss:.4f} in {run.best}"
-                                         if result.best_val_loss is not None else ""))
+                  f"{result.adapter}" + (f"; best on the validation sample: {stage.metric} {result.best_val_loss:.4f} "
+                                         f"in {run.best}" if result.best_val_loss is not None else ""))
     return result

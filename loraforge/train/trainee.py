@@ -62,16 +62,19 @@ class AdapterTrainee:
         self.model = lora.model
 
     def trainable(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.lora.parameters() if p.requires_grad)
+        return (p for p in self.lora.adapter_parameters(self.name) if p.requires_grad)
 
     def parameter_groups(self, config: TrainConfig) -> list[dict]:
-        return parameter_groups(self.lora, config)
+        return parameter_groups(self.lora, config, self.name)
 
     def extra_loss(self) -> torch.Tensor | None:
-        return self.lora.regularization_loss()
+        controller = self._controller()
+        return controller.regularization_loss() if controller is not None else None
 
     def after_optimizer_step(self, step: int) -> None:
-        self.lora.after_optimizer_step(step)
+        controller = self._controller()
+        if controller is not None:
+            controller.after_optimizer_step(step)
 
     def _controller(self):
         return self.lora.controllers.get(self.name)

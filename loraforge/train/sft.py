@@ -1,0 +1,80 @@
+"""stage=sft: conversations → assistant-only cross-entropy (data.py, loss.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from loraforge.atomic import write_text
+from loraforge.config import TrainConfig
+from loraforge.data import PreparedData, collate, example_order, prepare_data, write_jsonl
+from loraforge.demo import DEMO_DATA
+from loraforge.evaluate import evaluate_loss
+from loraforge.loss import perplexity
+from loraforge.objectives import CROSS_ENTROPY
+from loraforge.train.client import TrainingClient
+from loraforge.train.stage import StageData, Validation
+from loraforge.train.state import TrainingState
+
+
+def save_run_inputs(root: Path, data: PreparedData) -> None:
+    for name in ("train", "validation", "test"):
+        write_jsonl(getattr(data, name).conversations, root / "data" / f"{name}.jsonl")
+    write_text(root / "data_report.json", json.dumps(data.report.to_dict(), indent=1))
+
+
+class SftStage:
+    name, objective, metric, higher_is_better = "sft", CROSS_ENTROPY, "loss", False
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+
+    def prepare(self, config: TrainConfig, tokenizer, run_root: Path, say: Callable[[str], None]) -> StageData:
+        self.pad_id = tokenizer.pad_token_id
+        data = prepare_data(config.data, tokenizer, config.max_seq_len, config.seed, default_path=DEMO_DATA)
+        save_run_inputs(run_root, data)
+        report = data.report
+        summary = (f"data: {report.rows_read} rows read, {report.kept} kept ({report.rows_invalid} invalid, "
+                   f"{report.duplicates_dropped} duplicates, {report.empty_turns_dropped} empty turns, "
+                   f"{report.truncated} truncated) → train/validation/test {report.split_sizes}")
+        self.train = data.train.examples
+        return StageData(data.train.examples, data.validation.examples, data.test.examples, summary)
+
+    def micro_batches(self, client: TrainingClient, state: TrainingState) -> list[dict[str, torch.Tensor]]:
+        """The next step's micro-batches from the seeded data order; advances state.consumed."""
+        return seeded_micro_batches(self.train, self.config, state, lambda rows: collate(rows, self.pad_id,
+                                                                                         self.config.packing),
+                                    self.device)
+
+    def step_stats(self) -> dict[str, float]:
+        return {}
+
+    def validate(self, client: TrainingClient, rows: Sequence) -> Validation:
+        result = evaluate_loss(client.model, rows, self.pad_id, self.config.batch_size, self.device, client.autocast)
+        return Validation({"loss": result["loss"]}, result["tokens"])
+
+    def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """What is not an average of parts, from the combined figures."""
+        return {**metrics, "perplexity": perplexity(metrics["loss"])}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def describe(self) -> str | None:
+        return None
+
+
+def seeded_micro_batches(rows: list, config: TrainConfig, state: TrainingState, make_batch: Callable[[list], dict],
+                         device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """`grad_accum` micro-batches of `batch_size` rows from the seeded endless shuffle; advances state.consumed."""
+    per_step = config.batch_size * config.grad_accum
+    indices = example_order(len(rows), config.seed, state.consumed, per_step)
+    state.consumed += per_step
+    return [{k: v.to(device) for k, v in make_batch([rows[i] for i in indices[k0 : k0 + config.batch_size]]).items()}
+            for k0 in range(0, per_step, config.batch_size)]

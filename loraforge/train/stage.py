@@ -1,0 +1,78 @@
+"""What a training stage brings to the one training loop: its data, its objective, each step's micro-batches,
+its validation and its comparison after training. The loop (loop.py) owns everything else: the run folder,
+checkpoints and resume, early stopping, metrics, TensorBoard and the report.
+
+    sft   supervised answers (data.py, cross-entropy)                 sft.py
+    dpo   preference pairs, the base with the adapter off as reference dpo.py
+    grpo  prompts + a Python reward, group-relative policy gradient    grpo.py
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from loraforge.config import TrainConfig
+from loraforge.objectives import Objective
+from loraforge.train.client import TrainingClient
+from loraforge.train.state import TrainingState
+
+
+@dataclass
+class Validation:
+    """A stage's numbers on some validation rows: `metrics` (the stage's `metric` among them) and the weight
+    (target tokens, pairs, prompts) that combines two parts into the figure of both."""
+
+    metrics: dict[str, float]
+    weight: float
+
+    def combined(self, other: Validation) -> Validation:
+        total = max(self.weight + other.weight, 1e-12)
+        return Validation({k: (v * self.weight + other.metrics[k] * other.weight) / total
+                           for k, v in self.metrics.items()}, self.weight + other.weight)
+
+
+@dataclass
+class StageData:
+    """The splits a stage trains, validates and compares on (rows of the stage's own kind), and what to say."""
+
+    train: list
+    validation: list
+    test: list
+    summary: str  # one line: rows read, kept, split sizes
+    train_bits: float | None = None  # the information an epoch of the training split carries, when known
+    extra: dict = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+    objective: Objective
+    metric: str  # the validation figure best/ and patience go by: "loss" (lower is better) or "reward"
+    higher_is_better: bool
+
+    def prepare(self, config: TrainConfig, tokenizer, run_root: Path, say: Callable[[str], None]) -> StageData: ...
+    def micro_batches(self, client: TrainingClient, state: TrainingState) -> list[dict[str, torch.Tensor]]: ...
+    def step_stats(self) -> dict[str, float]: ...
+    def validate(self, client: TrainingClient, rows: Sequence) -> Validation: ...
+    def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def describe(self) -> str | None: ...
+
+
+def stage_for(config: TrainConfig, device: torch.device) -> Stage:
+    if config.stage == "dpo":
+        from loraforge.train.dpo import DpoStage
+
+        return DpoStage(config, device)
+    if config.stage == "grpo":
+        from loraforge.train.grpo import GrpoStage
+
+        return GrpoStage(config, device)
+    from loraforge.train.sft import SftStage
+
+    return SftStage(config, device)
