@@ -11,6 +11,9 @@ The numbers are the findings of Schulman et al., "LoRA Without Regret" (Thinking
   over the first epoch, in bits (before training: the base model's loss on a sample stands in for it).
 - Attention-only LoRA underperforms even at matched parameter count: the MLP / expert layers matter most.
 - LoRA pays a larger loss penalty than full fine-tuning for large batches, whatever the rank.
+- Reinforcement learning carries ~1 bit per episode, so even rank 1 has capacity to spare there, and LoRA's best
+  RL learning rate is about its SFT one. DPO moves the model faster per step than SFT: TRL's defaults differ 20×
+  (DPOConfig 1e-6, SFTConfig 2e-5); we suggest a tenth of the SFT rate.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ LR_TOLERANCE = 3.0  # a learning rate this many times off the suggestion gets a 
 BITS_PER_PARAMETER = 2.0
 LARGE_BATCH = 256  # sequences per optimizer step; the paper's LoRA penalty shows at a few hundred
 CAPACITY_SAMPLE = 16  # training conversations whose base-model loss stands for the whole training set
+STAGE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "grpo": 1.0}
+BITS_PER_EPISODE = 1.0  # a preference label, or one policy-gradient episode, carries about one bit
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,11 @@ def full_finetune_lr(model_type: str, hidden_size: int) -> float:
 
 
 def suggested_lr(model_type: str, hidden_size: int, finetune: str = "lora", steps: int | None = None,
-                 r: int = 8, alpha: float = 16.0, use_rslora: bool = False) -> float:
+                 r: int = 8, alpha: float = 16.0, use_rslora: bool = False, stage: str = "sft") -> float:
     """The learning rate to start from. LoRA: full fine-tuning's × 10 (× 15 for ≤ 100 steps), measured at
-    α = 32 with α/r scaling; other scales move the optimum inversely (the update is scale × B·A)."""
-    full = full_finetune_lr(model_type, hidden_size)
+    α = 32 with α/r scaling; other scales move the optimum inversely (the update is scale × B·A). The stage
+    scales it: DPO × 0.1, GRPO × 1 (STAGE_LR_FACTOR)."""
+    full = full_finetune_lr(model_type, hidden_size) * STAGE_LR_FACTOR[stage]
     if finetune == "full":
         return full
     multiplier = SHORT_RUN_LR_MULTIPLIER if steps is not None and steps <= SHORT_RUN_STEPS else LORA_LR_MULTIPLIER
@@ -91,8 +97,10 @@ def suggested_lr(model_type: str, hidden_size: int, finetune: str = "lora", step
     return full * multiplier * (REFERENCE_ALPHA / r) / scale
 
 
-def lr_advice(lr: float, suggestion: float, finetune: str) -> Advice:
+def lr_advice(lr: float, suggestion: float, finetune: str, stage: str = "sft") -> Advice:
     what = "full fine-tuning" if finetune == "full" else "LoRA (≈10× full fine-tuning's, nearly rank-independent)"
+    if stage != "sft":
+        what += f", stage {stage} (× {STAGE_LR_FACTOR[stage]:g} of SFT's)"
     message = f"lr={lr:.2g}; suggested for {what} at this model size: {suggestion:.2g}"
     off = max(lr / suggestion, suggestion / lr)
     if off > LR_TOLERANCE:
@@ -177,18 +185,20 @@ def batch_advice(sequences_per_step: int) -> Advice | None:
 
 # -- all of them ------------------------------------------------------------------------------------------
 def training_advice(config, model_config, layout: AdapterLayout | None, steps: int | None,
-                    bits: float | None = None) -> list[Advice]:
+                    bits: float | None = None, bits_source: str | None = None) -> list[Advice]:
     """Every advisor for one job. config: a TrainConfig; model_config: the transformers config of the base;
-    layout: None for full fine-tuning; bits: the dataset's information (None: not measured)."""
+    layout: None for full fine-tuning; bits: the dataset's information (None: not measured), and how it was
+    counted."""
     finetune = "full" if layout is None else "lora"
     lora = config.lora
+    stage = getattr(config, "stage", "sft")
     suggestion = suggested_lr(model_config.model_type, model_config.hidden_size, finetune, steps, lora.r,
-                              lora.alpha, lora.use_rslora)
-    advice = [lr_advice(config.lr, suggestion, finetune)]
+                              lora.alpha, lora.use_rslora, stage)
+    advice = [lr_advice(config.lr, suggestion, finetune, stage)]
     if layout is None:
         return advice
     if bits is not None:
-        advice.append(capacity_advice(bits, layout, lora.r))
+        advice.append(capacity_advice(bits, layout, lora.r, *([bits_source] if bits_source else [])))
     moe = bool(getattr(model_config, "num_local_experts", None) or getattr(model_config, "num_experts", None))
     advice.append(targets_advice(layout.adapted, moe))
     advice.append(batch_advice(config.batch_size * config.grad_accum))

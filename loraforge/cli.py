@@ -29,19 +29,23 @@ def _train(args: argparse.Namespace) -> int | None:
     console = make_console()
     config_file = args.config
     using_demo = config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides)
+    stage = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("stage=")), "sft")
     if using_demo:
-        from loraforge.demo import DEMO_CONFIG
+        from loraforge.demo import demo_config
 
-        config_file = DEMO_CONFIG
+        config_file = demo_config(stage)
+        using_demo = config_file is not None
     config = load_train_config(config_file, args.overrides)
     if args.print_config:  # plain YAML on stdout, nothing else: it can be saved as a config file
         console.print(config_to_yaml(config), end="", markup=False, highlight=False)
         return
     if using_demo:
-        console.print("no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
-    from loraforge.evaluate import evaluate_models
+        console.print("no data given: the bundled demo (one-digit sums answered with the number alone, rewarded; "
+                      "demo_grpo.yaml)" if config.stage == "grpo" else
+                      "no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.hardware import autocast_dtype, autocast_for, resolve_precision
     from loraforge.train import train
+    from loraforge.train.stage import compare_after_training
 
     result = train(config, console, keep_model=config.compare and config.finetune != "full")
     if result.stopped == "interrupted":  # the user wants out: no comparison, no report
@@ -53,17 +57,14 @@ def _train(args: argparse.Namespace) -> int | None:
                       "(the base-vs-adapter comparison needs an adapter)")
     elif config.compare and config.compare_samples:
         lora, tokenizer = _comparison_model(config, result)
-        test = _read_conversations(config.output / "data" / "test.jsonl")
-        if not test:
+        console.print(f"answering up to {config.compare_samples} held-out test prompts with the base model and with "
+                      "the adapter …")
+        device, precision = resolve_precision(config)  # the precision training computed in
+        evaluation = compare_after_training(config, lora, tokenizer, autocast_for(device, autocast_dtype(precision)))
+        if evaluation is None:
             console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
         else:
-            console.print(f"answering {min(len(test), config.compare_samples)} held-out test prompts with the base "
-                          "model and with the adapter …")
-            device, precision = resolve_precision(config)  # the precision training computed in
-            evaluation = evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
-                                         config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len,
-                                         autocast=autocast_for(device, autocast_dtype(precision)))
-            _write_json(config.output / "evaluation.json", {"split": "test", **evaluation})
+            _write_json(config.output / "evaluation.json", {"split": "test", "stage": config.stage, **evaluation})
             _print_evaluation(evaluation, console)
     if config.report:
         from loraforge.report import write_report
@@ -90,14 +91,6 @@ def _comparison_model(config, result):
                                quant=config.quant)
 
 
-def _read_conversations(path: Path) -> list:
-    from loraforge.data import Conversation, read_rows, to_messages
-
-    if not path.exists():
-        return []
-    return [Conversation(to_messages(row, "messages"), source) for source, row in read_rows(path)]
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
 
@@ -114,7 +107,8 @@ def _print_evaluation(evaluation: dict, console, samples: int = 4) -> None:
         table.add_column(column, justify="right")
     for model, row in evaluation["models"].items():
         cells = [f"{row['loss']:.3f}"] if has_loss else []
-        cells += [f"{row[m]:.1f}" if m in ("bleu", "chrf") else f"{100 * row[m]:.0f}%" for m in metrics]
+        cells += [f"{row[m]:.1f}" if m in ("bleu", "chrf") else f"{row[m]:.2f}" if m.startswith("reward") else
+                  f"{100 * row[m]:.0f}%" for m in metrics]
         table.add_row(model, *cells)
     console.print(table)
     side = Table(title="answers side by side", show_lines=True)
@@ -195,7 +189,7 @@ def _chat(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from loraforge.config import TrainConfig, load_train_config
     from loraforge.hardware import dtype_named
-    from loraforge.data import tokenize
+    from loraforge.data import read_conversations, tokenize
     from loraforge.lora import LoraModel
     from loraforge.lora.files import read_adapter_files
     from loraforge.models import load_model
@@ -215,7 +209,7 @@ def _merge(args: argparse.Namespace) -> None:
     lora = LoraModel.from_pretrained(model, adapter)
     quantized = base_quant != "none" or args.requantize is not None
     validation = Path(args.validation) if args.validation else (run / "data" / "validation.jsonl" if run else None)
-    examples = [tokenize(tokenizer, c.messages, run_config.max_seq_len) for c in _read_conversations(validation)] \
+    examples = [tokenize(tokenizer, c.messages, run_config.max_seq_len) for c in read_conversations(validation)] \
         if quantized and validation else []
     dtype = dtype_named(args.dtype) if args.dtype else None
     model, report = merge_quantized(lora, requantize=args.requantize, validation=examples,
@@ -232,6 +226,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from loraforge.config import TrainConfig, load_train_config
+    from loraforge.data import read_conversations
     from loraforge.evaluate import consistency, evaluate_models, resources
     from loraforge.models import resolve_model_path
 
@@ -243,7 +238,7 @@ def _eval(args: argparse.Namespace) -> None:
     data_file = Path(args.data) if args.data else (run / "data" / f"{args.split}.jsonl" if run else None)
     if data_file is None:
         raise LoraforgeError("eval needs a run folder or --data FILE")
-    conversations = _read_conversations(data_file)
+    conversations = read_conversations(data_file)
     if not conversations:
         raise LoraforgeError(f"no conversations in {data_file}")
     quant = args.quant or config.quant

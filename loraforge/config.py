@@ -332,6 +332,8 @@ class TrainConfig(Section):
         if self.stage != "sft" and self.finetune == "full":
             raise ValueError(f"stage: {self.stage} uses the base with the adapter off as its reference; "
                              "finetune=full has no adapter to switch off")
+        if self.stage != "sft" and self.packing:
+            raise ValueError(f"packing: packs SFT conversations; stage={self.stage} keeps one sequence per row")
         for name, options in (("dpo", DpoOptions), ("grpo", GrpoOptions)):
             if self.stage != name and getattr(self, name) != options():
                 raise ValueError(f"{name}: options of stage={name}; stage={self.stage} does not read them")

@@ -207,6 +207,13 @@ def split_conversations(conversations: list[Conversation], fractions: tuple[floa
     return shuffled[: n - n_val - n_test], shuffled[n - n_val - n_test : n - n_test], shuffled[n - n_test :]
 
 
+def read_conversations(path: Path) -> list[Conversation]:
+    """A run's split as written by write_jsonl (empty when the file does not exist)."""
+    if not path.exists():
+        return []
+    return [Conversation(to_messages(row, "messages"), source) for source, row in read_rows(path)]
+
+
 def write_jsonl(conversations: list[Conversation], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
@@ -228,14 +235,15 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_pr
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans that carry loss: each assistant answer with the
-    template's end-of-turn marker (so the model learns to stop), found by rendering prefixes — most
-    templates have no generation markers."""
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages,
+                    from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans that carry loss: each assistant answer from turn
+    `from_turn` on, with the template's end-of-turn marker (so the model learns to stop), found by rendering
+    prefixes — most templates have no generation markers."""
     text = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < from_turn:
             continue
         before = render(tokenizer, messages[:i], generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
@@ -246,8 +254,9 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> t
     return text, spans
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, messages: Messages, max_seq_len: int) -> Example:
-    text, spans = assistant_spans(tokenizer, messages)
+def tokenize(tokenizer: PreTrainedTokenizerBase, messages: Messages, max_seq_len: int, from_turn: int = 0) -> Example:
+    """Token ids and labels; only assistant turns from `from_turn` on carry loss (DPO: the completion alone)."""
+    text, spans = assistant_spans(tokenizer, messages, from_turn)
     # The template writes special tokens (bos, <|im_start|>) itself; adding them again would double them.
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]

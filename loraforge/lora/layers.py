@@ -211,7 +211,8 @@ class LoraLayer(nn.Module):
         Index 0 and adapters absent from this layer are zero, so their rows get the base output; smaller
         ranks are zero-padded, which adds nothing to B·A. Without gradients (serving: every decode step, same
         adapters) the stacks are reused until an adapter tensor changes — rebuilding them was most of the cost
-        of a mixed decode step.
+        of a mixed decode step. An in-place update has to bump the tensors' version counters (autograd's
+        increment_version; TrainingClient.optim_step does, since the fused AdamW kernel does not).
         """
         if torch.is_grad_enabled():
             return self._build_stacked_factors(plan)

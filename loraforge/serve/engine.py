@@ -255,15 +255,26 @@ class Engine:
         return admitted
 
     def _prefill(self, generations: list[Generation]) -> None:
-        ids, mask = left_padded([g.prompt_ids for g in generations], self.pad_id, self.device)
+        """Prefill the admitted rows together; rows with the same prompt and adapter (n completions of one prompt,
+        a GRPO group) are computed once and their cache copied, so a group of 8 costs one prompt's prefill."""
+        keys = [(tuple(g.prompt_ids), g.adapter) for g in generations]
+        unique = list(dict.fromkeys(keys))
+        first = {key: i for i, key in enumerate(unique)}
+        ids, mask = left_padded([list(key[0]) for key in unique], self.pad_id, self.device)
         cache = DynamicCache(config=self.lora.model.config)
         extra = dict(logits_to_keep=1) if self._last_logits_only else {}
         with self.model_lock:
             out = self.lora(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
-                            use_cache=True, adapter_names=[g.adapter for g in generations],
+                            use_cache=True, adapter_names=[key[1] for key in unique],
                             **{self._cache_keyword: cache}, **extra)
         self.stats.record(generations, prefill=True)
-        tokens = self._choose(out.logits[:, -1], generations)
+        logits = out.logits[:, -1]
+        if len(unique) < len(keys):
+            index = torch.tensor([first[key] for key in keys], device=self.device)
+            logits, mask = logits[index], mask[index]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        tokens = self._choose(logits, generations)
         self._batch.join(generations, cache, mask)
         self._accept(generations, tokens)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import increment_version
 
 from loraforge.config import LoraConfig, TrainConfig
 from loraforge.data import IGNORE_INDEX, Messages, render
@@ -166,13 +167,19 @@ class TrainingClient:
     @torch.no_grad()
     def forward(self, batch: Batch | Sequence[Datum], loss: str | Objective = "cross_entropy",
                 adapter: bool = True) -> ForwardBackwardResult:
-        """The same numbers without gradients; adapter=False: the base model (the reference of DPO and GRPO's KL)."""
+        """The same numbers without gradients, in eval mode (no dropout); adapter=False: the base model (the
+        reference of DPO and of GRPO's KL term)."""
         objective = _as_objective(loss)
         batch = _as_batch(batch, self._pad_id(), self._device())
         switch = self._only_mine() if adapter else self.trainee.lora.disable_adapters()
-        with switch, self.autocast():
-            logprobs = token_logprobs(self.model, batch)
-            value, stats = objective.loss(logprobs, batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with switch, self.autocast():
+                logprobs = token_logprobs(self.model, batch)
+                value, stats = objective.loss(logprobs, batch)
+        finally:
+            self.model.train(was_training)
         return ForwardBackwardResult(float(value), objective.count(batch), stats, logprobs)
 
     def zero_grad(self) -> None:
@@ -195,6 +202,9 @@ class TrainingClient:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainee.trainable()), self.max_grad_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # The fused AdamW kernel writes the parameters without bumping their version counters, and the layers'
+        # no-grad caches (the stacked factors that sampling reuses) are keyed on those counters.
+        increment_version(list(self.trainee.trainable()))
         self.steps += 1
         self.trainee.after_optimizer_step(self.steps)  # needs this step's gradients: before zero_grad
         self.scheduler.step()

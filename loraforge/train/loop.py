@@ -13,7 +13,6 @@ optimizer step, no I/O), checkpoint.py (crash-safe checkpoints), state.py (the t
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import time
@@ -42,7 +41,7 @@ from loraforge.train.checkpoint import load_checkpoint, save_checkpoint, stage_t
 from loraforge.train.client import TrainingClient
 from loraforge.train.log import MetricsLog, plot_learning_curve
 from loraforge.train.run_folder import RunFolder
-from loraforge.train.stage import Stage, stage_for
+from loraforge.train.stage import Stage, stage_for, total_steps
 from loraforge.train.state import TrainingState
 from loraforge.train.step import train_step
 from loraforge.train.trainee import AdapterTrainee, FullModelTrainee, Trainee
@@ -109,12 +108,6 @@ def evenly_spaced(items: list, k: int) -> tuple[list, list]:
     return ([x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen])
 
 
-def total_steps(config: TrainConfig, n_train: int) -> int:
-    if config.max_steps:
-        return config.max_steps
-    return max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
-
-
 def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
                   amp_dtype: torch.dtype | None, say: Callable[[str], None]) -> Trainee:
     if config.finetune == "full":
@@ -169,8 +162,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     random.seed(config.seed)
 
     # Base model, the stage's data, what trains.
+    stage: Stage = stage_for(config, device)  # first: a reward that does not load fails before the model does
     model, tokenizer = load_model(config.model, device=device, quant=config.quant)
-    stage: Stage = stage_for(config, device)
     data = stage.prepare(config, tokenizer, run.root, console.print)
     console.print(data.summary)
     steps = total_steps(config, len(data.train))
@@ -185,7 +178,7 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
         console.print(line)
 
     layout = adapter_layout(trainee.lora) if isinstance(trainee, AdapterTrainee) else None
-    print_advice(training_advice(config, model.config, layout, steps, data.train_bits), console)
+    print_advice(training_advice(config, model.config, layout, steps, data.train_bits, data.bits_source), console)
     sft = stage.name == "sft"
     train_targets = target_tokens_of(data.train) if sft else 0
 

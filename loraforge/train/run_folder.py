@@ -26,7 +26,7 @@ import yaml
 
 from loraforge.atomic import file_sha256, recover_folder, write_text
 from loraforge.config import TrainConfig, config_to_yaml
-from loraforge.demo import DEMO_DATA
+from loraforge.demo import default_data
 from loraforge.errors import ConfigError
 from loraforge.models import DEFAULT_MODEL, is_default_model, resolve_model_path
 from loraforge.train.checkpoint import complete_checkpoints, verify_checkpoint
@@ -56,7 +56,7 @@ def _model_identity(name: str) -> dict:
 def fingerprint(config: TrainConfig) -> dict:
     """What makes a run this run: the base model, the data files' contents and every result-changing key."""
     data = config.data
-    files = {"train": data.path or DEMO_DATA, "validation": data.validation_path, "test": data.test_path}
+    files = {"train": data.path or default_data(config.stage), "validation": data.validation_path, "test": data.test_path}
     values = config.model_dump(mode="json")
     return {
         "base": _model_identity(config.model),

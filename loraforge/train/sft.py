@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from loraforge.atomic import write_text
 from loraforge.config import TrainConfig
-from loraforge.data import PreparedData, collate, example_order, prepare_data, write_jsonl
-from loraforge.demo import DEMO_DATA
+from loraforge.data import PreparedData, collate, read_conversations, example_order, prepare_data, write_jsonl
+from loraforge.demo import default_data
 from loraforge.evaluate import evaluate_loss
 from loraforge.loss import perplexity
 from loraforge.objectives import CROSS_ENTROPY
@@ -34,7 +35,7 @@ class SftStage:
 
     def prepare(self, config: TrainConfig, tokenizer, run_root: Path, say: Callable[[str], None]) -> StageData:
         self.pad_id = tokenizer.pad_token_id
-        data = prepare_data(config.data, tokenizer, config.max_seq_len, config.seed, default_path=DEMO_DATA)
+        data = prepare_data(config.data, tokenizer, config.max_seq_len, config.seed, default_path=default_data("sft"))
         save_run_inputs(run_root, data)
         report = data.report
         summary = (f"data: {report.rows_read} rows read, {report.kept} kept ({report.rows_invalid} invalid, "
@@ -78,3 +79,14 @@ def seeded_micro_batches(rows: list, config: TrainConfig, state: TrainingState, 
     state.consumed += per_step
     return [{k: v.to(device) for k, v in make_batch([rows[i] for i in indices[k0 : k0 + config.batch_size]]).items()}
             for k0 in range(0, per_step, config.batch_size)]
+
+
+def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict | None:
+    """Base vs tuned on the held-out test conversations: loss, answer metrics, the answers (evaluation.json)."""
+    from loraforge.evaluate import evaluate_models
+
+    test = read_conversations(config.output / "data" / "test.jsonl")
+    if not test:
+        return None
+    return evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
+                           config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len, autocast=autocast)

@@ -9,8 +9,9 @@ checkpoints and resume, early stopping, metrics, TensorBoard and the report.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -44,8 +45,8 @@ class StageData:
     validation: list
     test: list
     summary: str  # one line: rows read, kept, split sizes
-    train_bits: float | None = None  # the information an epoch of the training split carries, when known
-    extra: dict = field(default_factory=dict)
+    train_bits: float | None = None  # the information the run trains on, when known before it starts
+    bits_source: str | None = None  # how train_bits was counted
 
 
 class Stage(Protocol):
@@ -64,6 +65,12 @@ class Stage(Protocol):
     def describe(self) -> str | None: ...
 
 
+def total_steps(config: TrainConfig, n_train: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
+
+
 def stage_for(config: TrainConfig, device: torch.device) -> Stage:
     if config.stage == "dpo":
         from loraforge.train.dpo import DpoStage
@@ -76,3 +83,15 @@ def stage_for(config: TrainConfig, device: torch.device) -> Stage:
     from loraforge.train.sft import SftStage
 
     return SftStage(config, device)
+
+
+def compare_after_training(config: TrainConfig, lora, tokenizer, autocast) -> dict | None:
+    """The stage's base-vs-tuned comparison on the run's test split (None when there is none): the model's
+    adapter "tuned" against the base, in the precision training used."""
+    if config.stage == "dpo":
+        from loraforge.train.dpo import compare
+    elif config.stage == "grpo":
+        from loraforge.train.grpo import compare
+    else:
+        from loraforge.train.sft import compare
+    return compare(config, lora, tokenizer, autocast)

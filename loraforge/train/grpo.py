@@ -1,0 +1,337 @@
+"""stage=grpo: prompt rows + a reward written in Python → group relative policy optimisation (Shao et al. 2024).
+
+Each rollout takes the next `batch_size × grad_accum` prompts of the seeded order and samples `group_size`
+completions of each from the policy (the adapter being trained) on our own engine: one continuous batch, no
+merge, no weight sync, no second model. Every completion is scored by the reward function(s); advantages are
+the rewards normalised within each prompt's group (objectives.group_advantages); the clipped policy-gradient
+objective (objectives.policy_gradient) trains on them for `iterations` optimizer steps. The sampler's log-probs
+are π_old, so the ratio needs no extra forward pass.
+
+Rows: {"messages": [… ending with a user turn]} or {"prompt": "text" | [messages]}, plus any other fields; the
+reward gets the raw row (e.g. a reference answer to check against):
+
+    def reward(prompt_messages: list[dict], completion: str, row: dict) -> float
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraforge.advise import BITS_PER_EPISODE
+from loraforge.atomic import write_text
+from loraforge.config import DataConfig, TrainConfig
+from loraforge.demo import DEMO_PROMPTS
+from loraforge.data import IGNORE_INDEX, DataReport, Messages, clean, example_order, read_rows, render, split_conversations
+from loraforge.errors import ConfigError, DataError, TrainingError
+from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient, target_mask
+from loraforge.serve.engine import SamplingParams
+from loraforge.train.client import Datum, SharedBase, TrainingClient, batch_of
+from loraforge.train.stage import StageData, Validation, total_steps
+from loraforge.train.state import TrainingState
+
+RewardFunction = Callable[[Messages, str, dict], float]
+
+
+# -- prompts -----------------------------------------------------------------------------------------------
+@dataclass
+class PromptRow:
+    messages: Messages  # ends with the user turn to answer
+    row: dict  # the raw data row, as the reward sees it
+    source: str  # file:line
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+def to_prompt(row: object, source: str) -> PromptRow:
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    if "messages" in row:
+        turns = row["messages"]
+    elif "prompt" in row:
+        turns = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+    else:
+        raise ValueError(f"a prompt row needs 'messages' or 'prompt' (keys {sorted(row)[:6]})")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                              and isinstance(t.get("content"), str) for t in turns):
+        raise ValueError("the prompt must be a list of messages with string 'role' and 'content'")
+    messages, _, _ = clean([{"role": t["role"], "content": t["content"]} for t in turns])
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("the prompt must end with a non-empty user turn (the answer is what the policy samples)")
+    for i, message in enumerate(messages):
+        if message["role"] not in ("system", "user", "assistant") or (message["role"] == "system" and i):
+            raise ValueError(f"turn {i}: role {message['role']!r} does not belong there")
+    return PromptRow(messages, row, source)
+
+
+def load_prompts(path: Path, config: DataConfig, report: DataReport) -> list[PromptRow]:
+    prompts = []
+    for source, row in read_rows(path):
+        report.rows_read += 1
+        try:
+            prompts.append(to_prompt(row, source))
+        except ValueError as exc:
+            if not config.skip_invalid:
+                raise DataError(f"{source}: {exc} (set data.skip_invalid=true to skip such rows)") from None
+            report.rows_invalid += 1
+            if len(report.invalid_reasons) < 10:
+                report.invalid_reasons.append(f"{source}: {exc}")
+    report.kept += len(prompts)
+    return prompts
+
+
+def read_prompts(path: Path) -> list[PromptRow]:
+    return [to_prompt(row, source) for source, row in read_rows(path)] if path.exists() else []
+
+
+# -- rewards -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reward:
+    name: str
+    function: RewardFunction
+    weight: float
+
+
+def load_reward(spec: str) -> RewardFunction:
+    """'path/to/file.py:function' or 'package.module:function'."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ConfigError(f"grpo.reward: {spec!r} must look like file.py:function or module:function")
+    try:
+        if target.endswith(".py") or Path(target).is_file():
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"grpo.reward: {path} does not exist")
+            module_name = f"loraforge_reward_{abs(hash(str(path.resolve())))}"
+            spec_ = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec_)
+            sys.modules[module_name] = module
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's module failed to import: say so, with what it raised
+        raise ConfigError(f"grpo.reward: importing {target} failed: {type(error).__name__}: {error}") from error
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"grpo.reward: {target} has no function {name!r}")
+    return function
+
+
+def load_rewards(config: TrainConfig) -> list[Reward]:
+    weights = config.grpo.reward_weights or [1.0] * len(config.grpo.reward)
+    return [Reward(spec.rpartition(":")[2], load_reward(spec), weight)
+            for spec, weight in zip(config.grpo.reward, weights)]
+
+
+def score(rewards: Sequence[Reward], prompt: PromptRow, completion: str) -> tuple[float, dict[str, float]]:
+    """(weighted total, each reward's value). A reward that raises or returns no finite number stops the run with
+    the row, the completion and what went wrong."""
+    values = {}
+    for reward in rewards:
+        try:
+            value = reward.function(prompt.messages, completion, prompt.row)
+        except Exception as error:
+            raise TrainingError(f"{prompt.source}: reward {reward.name} raised {type(error).__name__}: {error} "
+                                f"(completion {completion[:120]!r})") from error
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TrainingError(f"{prompt.source}: reward {reward.name} returned {value!r}, not a finite number "
+                                f"(completion {completion[:120]!r})")
+        values[reward.name] = float(value)
+    return sum(r.weight * values[r.name] for r in rewards), values
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+def per_token(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-target values (flattened row by row) as a [B, T] tensor aligned with labels."""
+    out = torch.zeros(batch["labels"].shape, dtype=values.dtype, device=values.device)
+    out[:, 1:][target_mask(batch)] = values
+    return out
+
+
+class GrpoStage:
+    name, metric, higher_is_better = "grpo", "reward", True
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config, self.device, self.options = config, device, config.grpo
+        self.rewards = load_rewards(config)
+        self.objective = policy_gradient(self.options.epsilon, self.options.epsilon_high, self.options.beta,
+                                         per_sequence=self.options.loss_type == "grpo")
+        self.rollout: list[dict[str, torch.Tensor]] | None = None
+        self.rollout_stats: dict[str, float] = {}
+        self.base: SharedBase | None = None
+
+    def prepare(self, config: TrainConfig, tokenizer, run_root: Path, say: Callable[[str], None]) -> StageData:
+        self.tokenizer = tokenizer
+        report = DataReport()
+        prompts = load_prompts(Path(config.data.path or DEMO_PROMPTS), config.data, report)
+        if config.data.validation_path or config.data.test_path:
+            parts = [prompts] + [load_prompts(Path(p), config.data, report) if p else []
+                                 for p in (config.data.validation_path, config.data.test_path)]
+        else:
+            parts = list(split_conversations(prompts, config.data.split, config.seed))
+        room = config.max_seq_len - self.options.max_new_tokens
+        splits = []
+        for name, part in zip(("train", "validation", "test"), parts):
+            kept = []
+            for prompt in part:
+                prompt.prompt_ids = tokenizer(render(tokenizer, prompt.messages, generation_prompt=True),
+                                              add_special_tokens=False)["input_ids"]
+                if len(prompt.prompt_ids) <= room:
+                    kept.append(prompt)
+            report.truncated += len(part) - len(kept)  # prompts with no room left for an answer: dropped
+            report.split_sizes[name] = len(kept)
+            report.tokens[name] = sum(len(p.prompt_ids) for p in kept)
+            (run_root / "data").mkdir(parents=True, exist_ok=True)
+            write_text(run_root / "data" / f"{name}.jsonl",
+                       "".join(json.dumps(p.row, ensure_ascii=False) + "\n" for p in kept))
+            splits.append(kept)
+        write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
+        if not splits[0]:
+            raise DataError(f"{config.data.path or DEMO_PROMPTS}: no usable prompts")
+        self.train = splits[0]
+        summary = (f"data: {report.rows_read} prompt rows read, {report.kept} kept ({report.rows_invalid} invalid, "
+                   f"{report.truncated} without room for a {self.options.max_new_tokens}-token answer) → "
+                   f"train/validation/test prompts {report.split_sizes}")
+        steps = total_steps(config, len(self.train))
+        episodes = math.ceil(steps / self.options.iterations) * config.batch_size * config.grad_accum \
+            * self.options.group_size
+        return StageData(splits[0], splits[1], splits[2], summary, BITS_PER_EPISODE * episodes,
+                         f"≈ {BITS_PER_EPISODE:g} bit per episode, {episodes} episodes sampled")
+
+    def _base(self, client: TrainingClient) -> SharedBase:
+        if self.base is None:
+            self.base = SharedBase(client.trainee.lora, self.tokenizer, client.autocast)
+        return self.base
+
+    def micro_batches(self, client: TrainingClient, state: TrainingState) -> list[dict[str, torch.Tensor]]:
+        if self.rollout is None or state.step % self.options.iterations == 0:
+            self.rollout = self._roll_out(client, state)
+        return self.rollout
+
+    def _roll_out(self, client: TrainingClient, state: TrainingState) -> list[dict[str, torch.Tensor]]:
+        """Sample the next prompts' groups, score them, and build the micro-batches; advances state.consumed."""
+        config, options = self.config, self.options
+        started = time.perf_counter()
+        per_step = config.batch_size * config.grad_accum
+        prompts = [self.train[i] for i in example_order(len(self.train), config.seed, state.consumed, per_step)]
+        state.consumed += per_step
+        rollout = state.step // options.iterations
+        params = SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                top_p=options.top_p, seed=(config.seed * 1_000_003 + rollout) * 4099, logprobs=True)
+        groups = self._base(client).sample([p.prompt_ids for p in prompts], options.group_size, params,
+                                           client.adapter)
+        sampled = time.perf_counter()
+        totals, parts = [], {r.name: 0.0 for r in self.rewards}
+        for prompt, group in zip(prompts, groups):
+            row = []
+            for completion in group:
+                total, values = score(self.rewards, prompt, completion.text)
+                row.append(total)
+                for name, value in values.items():
+                    parts[name] += value
+            totals.append(row)
+        rewards = torch.tensor(totals)
+        advantages = group_advantages(rewards, options.scale_rewards)
+        datums = [Datum(prompt.prompt_ids + list(c.token_ids), [IGNORE_INDEX] * len(prompt.prompt_ids) + list(c.token_ids),
+                        {"old_logprobs": [0.0] * len(prompt.prompt_ids) + list(c.logprobs),
+                         "advantages": float(advantages[i, k])})
+                  for i, (prompt, group) in enumerate(zip(prompts, groups)) for k, c in enumerate(group)]
+        rows = config.batch_size * options.group_size
+        batches = [batch_of(datums[start : start + rows], self.tokenizer.pad_token_id, self.device)
+                   for start in range(0, len(datums), rows)]
+        if options.beta:
+            batches = [{**b, "reference_token_logprobs": per_token(client.forward(b, CROSS_ENTROPY, adapter=False)
+                                                                   .logprobs, b)} for b in batches]
+        n = rewards.numel()
+        self.rollout_stats = {
+            "reward": float(rewards.mean()), "reward_std": float(rewards.std(dim=1).mean()),
+            **{f"reward_{name}": value / n for name, value in parts.items()},
+            "completion_tokens": sum(len(c.token_ids) for g in groups for c in g) / n,
+            "groups_without_signal": float((rewards.std(dim=1) == 0).float().mean()),
+            "sample_s": sampled - started, "score_s": time.perf_counter() - sampled}
+        return batches
+
+    def step_stats(self) -> dict[str, float]:
+        stats, self.rollout_stats = self.rollout_stats, {}  # once per rollout, on the step that sampled it
+        return stats
+
+    @torch.no_grad()
+    def validate(self, client: TrainingClient, rows: Sequence[PromptRow]) -> Validation:
+        """Greedy answers of the policy to the validation prompts: their mean reward (and each reward's)."""
+        answers = self._base(client).sample([p.prompt_ids for p in rows], 1,
+                                            SamplingParams(max_new_tokens=self.options.max_new_tokens),
+                                            client.adapter)
+        totals, parts = 0.0, {r.name: 0.0 for r in self.rewards}
+        for prompt, (answer,) in zip(rows, answers):
+            total, values = score(self.rewards, prompt, answer.text)
+            totals += total
+            for name, value in values.items():
+                parts[name] += value
+        n = max(len(rows), 1)
+        return Validation({"reward": totals / n, **{f"reward_{k}": v / n for k, v in parts.items()}}, len(rows))
+
+    def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The rollout being trained on, when the next step reuses it (iterations > 1): a resume mid-cycle trains
+        on the same completions."""
+        if self.rollout is None or self.options.iterations == 1:
+            return {}
+        return {f"rollout.{i}.{key}": value for i, batch in enumerate(self.rollout) for key, value in batch.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        batches: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            _, index, key = name.split(".", 2)
+            batches.setdefault(int(index), {})[key] = value.to(self.device)
+        self.rollout = [batches[i] for i in sorted(batches)] if batches else None
+
+    def describe(self) -> str | None:
+        options = self.options
+        rewards = ", ".join(f"{r.name} × {r.weight:g}" for r in self.rewards)
+        return (f"stage grpo: {self.config.batch_size * self.config.grad_accum} prompts × {options.group_size} "
+                f"completions per rollout (temperature {options.temperature}, ≤ {options.max_new_tokens} tokens), "
+                f"{options.iterations} step(s) per rollout, clip ε {options.epsilon}, KL β {options.beta}, loss "
+                f"{options.loss_type}; rewards: {rewards}")
+
+
+# -- after training ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict | None:
+    """Base vs tuned on the held-out prompts: greedy answers of both in the same batches, and their rewards."""
+    prompts = read_prompts(config.output / "data" / "test.jsonl")[: config.compare_samples]
+    if not prompts:
+        return None
+    rewards = load_rewards(config)
+    ids = [tokenizer(render(tokenizer, p.messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    base = SharedBase(lora, tokenizer, autocast)
+    labels = {"base": None, "tuned": "tuned"}
+    answers = base.sample(ids * 2, 1, SamplingParams(max_new_tokens=config.grpo.max_new_tokens),
+                          [None] * len(ids) + ["tuned"] * len(ids))
+    models, texts = {}, {}
+    for offset, label in enumerate(labels):
+        texts[label] = [answers[offset * len(ids) + i][0].text for i in range(len(ids))]
+        figures = {"reward": 0.0, **{f"reward_{r.name}": 0.0 for r in rewards}}
+        for prompt, text in zip(prompts, texts[label]):
+            total, values = score(rewards, prompt, text)
+            figures["reward"] += total / len(prompts)
+            for name, value in values.items():
+                figures[f"reward_{name}"] += value / len(prompts)
+        models[label] = figures
+    reference_key = next((k for k in ("answer", "solution", "reference") if k in prompts[0].row), None)
+    samples = [{"prompt": p.messages[-1]["content"], "reference": str(p.row.get(reference_key, "")) if reference_key
+                else "", "answers": {label: texts[label][i] for label in labels}} for i, p in enumerate(prompts)]
+    return {"n": len(prompts), "metric_names": list(models["base"]), "models": models, "samples": samples}
