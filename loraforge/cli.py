@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int | None:
         console.print(config_to_yaml(config), end="", markup=False, highlight=False)
         return
     if using_demo:
-        console.print("no data given: the bundled demo (one-digit sums answered with the number alone, rewarded; "
+        console.print("no data given: the bundled RL demo (one-digit sums, rewarded for the right sum said briefly; "
                       "demo_grpo.yaml)" if config.stage == "grpo" else
                       "no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.hardware import autocast_dtype, autocast_for, resolve_precision

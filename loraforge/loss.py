@@ -47,12 +47,17 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
     The output head runs only on positions that carry loss: with a 49k vocabulary the head is a large
     share of a small model's compute, and prompt tokens need no logits. Packed batches (see data.collate)
-    carry position ids and no attention mask.
+    carry position ids and no attention mask. With `temperature` [B] in the batch, each row's logits are divided
+    by it first: the log-probs of the distribution a sampler at that temperature drew from (GRPO's policy).
     """
     outputs, labels, head = _at_targets(model, batch)
+    temperature = None
+    if "temperature" in batch:
+        temperature = batch["temperature"][(batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]][:, None]
     if head is not None:
-        return -head_cross_entropy(head, outputs, labels, model.config.get_text_config().vocab_size)
-    return -F.cross_entropy(outputs.float(), labels, reduction="none")
+        return -head_cross_entropy(head, outputs, labels, model.config.get_text_config().vocab_size, temperature)
+    logits = outputs.float() if temperature is None else outputs.float() / temperature
+    return -F.cross_entropy(logits, labels, reduction="none")
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -82,34 +87,75 @@ def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     the labels, the head or None)."""
     labels = batch["labels"][:, 1:]
     targets = labels != IGNORE_INDEX
+    plain = _plain_head(model)
+    run = _backbone_hidden(model) if plain else lambda **inputs: model(**inputs).logits
+    head = model.get_output_embeddings() if plain else None
+    if "prompt_ids" in batch:
+        outputs, shared_labels = _at_targets_shared_prompts(model, run, batch)
+        if shared_labels.numel() != int(targets.sum()):
+            raise ValueError("with shared prompts, every completion token must be a target and nothing else")
+        return outputs, shared_labels, head
     # `inputs_embeds` instead of ids lets a caller differentiate with respect to the input activations.
     inputs = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    if _plain_head(model):
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        return hidden[:, :-1][targets], labels[targets], model.get_output_embeddings()
-    return model(**inputs, use_cache=False).logits[:, :-1][targets], labels[targets], None
+    return run(**inputs, use_cache=False)[:, :-1][targets], labels[targets], head
 
 
-def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Cross-entropy of head(hidden) against labels, per token, never holding more than LOGITS_CHUNK_ELEMENTS
-    logits: beyond that the head runs in chunks whose logits are recomputed in backward instead of kept."""
+def _backbone_hidden(model: nn.Module):
+    backbone = getattr(model, model.base_model_prefix)
+    return lambda **inputs: backbone(**inputs).last_hidden_state
 
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), y, reduction="none")
+
+def _at_targets_shared_prompts(model: nn.Module, run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same outputs for rows that are completions of a few shared prompts (a GRPO group: 8 completions of one
+    prompt), computing each prompt once: the prompts' forward fills a KV cache (with gradients), its rows are
+    copied to every completion of that prompt, and the completions run on top of it. Batch keys: `prompt_ids`,
+    `prompt_mask` (left-padded, one row per prompt), `prompt_index` (each row's prompt), `completion_ids`,
+    `completion_mask` (right-padded); every completion token is a target."""
+    from transformers import DynamicCache
+
+    from loraforge.serve.batch import cache_keyword, positions_of
+
+    keyword = cache_keyword(model)
+    prompt_mask, index = batch["prompt_mask"], batch["prompt_index"]
+    cache = DynamicCache(config=model.config)
+    prompt_out = run(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=positions_of(prompt_mask),
+                     use_cache=True, **{keyword: cache})
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    row_prompt_mask = prompt_mask[index]
+    completion, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    positions = row_prompt_mask.sum(-1, keepdim=True) + torch.arange(completion.shape[1], device=completion.device)
+    out = run(input_ids=completion, attention_mask=torch.cat([row_prompt_mask, completion_mask], 1),
+              position_ids=positions, use_cache=True, **{keyword: cache})
+    # Completion token j is predicted from position j-1; token 0 from the prompt's last position.
+    before = torch.cat([prompt_out[index, -1:], out[:, :-1]], 1)
+    targets = completion_mask.bool()
+    return before[targets], completion[targets]
+
+
+def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                       temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of head(hidden) / temperature against labels, per token, never holding more than
+    LOGITS_CHUNK_ELEMENTS logits: beyond that the head runs in chunks whose logits are recomputed in backward
+    instead of kept. `temperature`: None, or one per token ([N, 1])."""
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        logits = head(h).float()
+        return F.cross_entropy(logits if t is None else logits / t, y, reduction="none")
 
     rows = max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
     if hidden.shape[0] <= rows:
-        return chunk_loss(hidden, labels)
+        return chunk_loss(hidden, labels, temperature)
     chunks = []
     for start in range(0, hidden.shape[0], rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]
+        t = None if temperature is None else temperature[start : start + rows]
         if torch.is_grad_enabled():
-            chunks.append(checkpoint(chunk_loss, h, y, use_reentrant=False))
+            chunks.append(checkpoint(chunk_loss, h, y, t, use_reentrant=False))
         else:
-            chunks.append(chunk_loss(h, y))
+            chunks.append(chunk_loss(h, y, t))
     return torch.cat(chunks)

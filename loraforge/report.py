@@ -15,7 +15,8 @@ import yaml
 from loraforge.atomic import write_text
 from loraforge.errors import LoraforgeError
 
-RATE_METRICS = ("exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "accuracy", "macro_f1")  # in [0, 1]
+RATE_METRICS = ("exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "accuracy", "macro_f1",
+                "prefers_chosen")  # in [0, 1]
 KEY_SETTINGS = ("model", "data.path", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "schedule", "lora.r",
                 "lora.alpha", "lora.dropout", "lora.targets", "max_seq_len", "precision", "seed")
 STYLE = """
@@ -138,8 +139,11 @@ def _summary(data: dict) -> str:
     parts = [f"model <b>{escape(config.get('model', '?'))}</b>"]
     if summary:
         parts.append(f"{summary.get('steps')} steps ({escape(summary.get('stopped'))})")
+        figure = summary.get("val_metric", "loss")
+        if summary.get("stage", "sft") != "sft":
+            parts.append(f"stage {escape(summary['stage'])}")
         if summary.get("final_val_loss") is not None:
-            parts.append(f"final validation loss {summary['final_val_loss']:.4f}")
+            parts.append(f"final validation {figure} {summary['final_val_loss']:.4f}")
         if summary.get("best_val_loss") is not None:
             parts.append(f"best on the validation sample {summary['best_val_loss']:.4f}")
         if summary.get("seconds") is not None:
@@ -177,24 +181,29 @@ def _data_section(report: dict | None) -> str:
 
 
 def learning_curve_figure(rows: list[dict]):
-    """Train and validation loss against step, from metrics.jsonl rows; None when there are none."""
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    """Train and validation figures against step, from metrics.jsonl rows — the loss, or for a GRPO run the
+    reward (sampled completions in training, greedy answers in validation); None when there are none."""
+    metric = "reward" if any("train_reward" in r or "val_reward" in r for r in rows) else "loss"
+    unit = {"reward": "reward (mean per completion)", "loss": "DPO loss (per pair)"
+            if any("train_accuracy" in r for r in rows) else "loss (nats / target token)"}[metric]
+    key, sample_key = f"val_{metric}", f"val_sample_{metric}"
+    train = [(r["step"], r[f"train_{metric}"]) for r in rows if f"train_{metric}" in r]
     # Intervals evaluate a fixed sample of the validation split (comparable with each other), the end the whole
     # split: the sample's curve, and the whole split's points beside it.
-    val = [(r["step"], r.get("val_sample_loss", r["val_loss"])) for r in rows if "val_loss" in r]
-    largest = max((r.get("val_rows", 0) for r in rows if "val_loss" in r), default=0)
-    whole = [(r["step"], r["val_loss"]) for r in rows
-             if "val_sample_loss" in r and r.get("val_rows") == largest and r["val_loss"] != r["val_sample_loss"]]
+    val = [(r["step"], r.get(sample_key, r[key])) for r in rows if key in r]
+    largest = max((r.get("val_rows", 0) for r in rows if key in r), default=0)
+    whole = [(r["step"], r[key]) for r in rows
+             if sample_key in r and r.get("val_rows") == largest and r[key] != r[sample_key]]
     if not train and not val:
         return None
     fig, ax = new_figure(8, 3.6)
     if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.8)
+        ax.plot(*zip(*train), label=f"train {metric}", alpha=0.8)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss" + (" (sample)" if whole else ""))
+        ax.plot(*zip(*val), "o-", label=f"validation {metric}" + (" (sample)" if whole else ""))
     if whole:
-        ax.plot(*zip(*whole), "s", label="validation loss (whole split)")
-    ax.set(xlabel="step", ylabel="loss (nats / target token)", title="learning curves")
+        ax.plot(*zip(*whole), "s", label=f"validation {metric} (whole split)")
+    ax.set(xlabel="step", ylabel=unit, title="learning curves")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig

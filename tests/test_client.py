@@ -62,14 +62,16 @@ def test_two_clients_in_one_forward_equal_two_separate_runs(tiny_model_dir):
     assert any(not torch.equal(start_a[k], _tensors(a)[k]) for k in start_a)  # it did train
 
 
-def test_samples_carry_the_log_probs_training_computes_after_each_step(tiny_model_dir):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_samples_carry_the_log_probs_training_computes_after_each_step(tiny_model_dir, temperature):
     base = SharedBase.load(str(tiny_model_dir), device="cpu")
     client, _ = _clients(base)
-    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, logprobs=True)
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=3, logprobs=True)
     for _ in range(2):
         (sample,) = client.sample([PROMPT], 1, params)[0]
         prompt = base.prompt_ids(PROMPT)
-        scored = client.forward([Datum(prompt + list(sample.token_ids), [-100] * len(prompt) + list(sample.token_ids))])
+        tokens = list(sample.token_ids)
+        scored = client.forward([Datum(prompt + tokens, [-100] * len(prompt) + tokens, {"temperature": temperature})])
         assert scored.logprobs.tolist() == pytest.approx(list(sample.logprobs), abs=1e-4)
         client.forward_backward(_datums(base, A_DATA))
         client.optim_step()  # the sampler must see the new weights (the fused optimizer bumps no version)

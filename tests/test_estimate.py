@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraforge import LoraConfig, LoraModel
 from loraforge.advise import (
+    STAGE_LR_FACTOR,
     AdapterLayout,
     batch_advice,
     capacity_advice,
@@ -259,3 +260,10 @@ def test_base_dtype_bf16_stores_adapted_weights_in_half_the_bytes():
     assert linear == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # 2 layers × (q, o + k, v + gate, up, down)
     assert plain.memory["lora"].weights - narrow.memory["lora"].weights == 2 * linear
     assert plain.memory["full"].weights == narrow.memory["full"].weights  # full fine-tuning trains them in fp32
+
+
+def test_the_learning_rate_advice_knows_the_stage():
+    sft = suggested_lr("llama", 576, "lora", 100, 16, 32)
+    assert suggested_lr("llama", 576, "lora", 100, 16, 32, stage="dpo") == pytest.approx(sft * STAGE_LR_FACTOR["dpo"])
+    assert suggested_lr("llama", 576, "lora", 100, 16, 32, stage="grpo") == pytest.approx(sft * STAGE_LR_FACTOR["grpo"])
+    assert "stage grpo" in lr_advice(sft / 4, sft / 4, "lora", "grpo").message

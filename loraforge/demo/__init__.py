@@ -5,7 +5,7 @@ one of many phrasings; the assistant answers with compact JSON whose keys (name,
 named in the prompt, so the base model cannot guess the schema and fine-tuning has something visible to teach.
 Regenerate the file with `python -m loraforge.demo.make_dataset` (deterministic: same bytes every run).
 
-`loraforge train stage=grpo` with no data learns `sums.jsonl` (one-digit sums, the number alone) from the rewards
+`loraforge train stage=grpo` with no data learns `sums.jsonl` (one-digit sums, answered briefly) from the rewards
 in sums.py, with demo_grpo.yaml's settings (rank 1).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 DEMO_DATA = Path(__file__).with_name("orders.jsonl")
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # training settings used when no data is given
-# stage=grpo with no data: one-digit sums answered with the number alone (sums.py holds the task and its rewards).
+# stage=grpo with no data: one-digit sums, answered briefly (sums.py holds the task and its rewards).
 DEMO_PROMPTS = Path(__file__).with_name("sums.jsonl")
 DEMO_GRPO_CONFIG = Path(__file__).with_name("demo_grpo.yaml")
 

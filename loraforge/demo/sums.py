@@ -1,13 +1,13 @@
 """The bundled reinforcement-learning task of `loraforge train stage=grpo` with no data: add two one-digit
-numbers and reply with the number alone.
+numbers, answering briefly.
 
     python -m loraforge.demo.sums        # rewrites loraforge/demo/sums.jsonl (same bytes every run)
 
-SmolLM2-135M-Instruct mostly gets the sum right but never answers with the number alone ("3 + 4 = 7", "The
-answer is 7."), so there is a reward to gain that a greedy base does not collect, and enough variety in its
-samples for group-relative advantages to point the way. Two rewards, summed (the demo config weighs them):
-`correct` — the last number in the answer is the sum; `only_the_number` — the answer is that number and nothing
-else. Rows carry the sum as `answer`, which the rewards read from the row.
+SmolLM2-135M-Instruct gets about half of these sums right, greedy, and wraps them in words ("To add 9 and 2, we
+simply…", "The answer is 18."), so there is reward to gain, and its samples at temperature 0.7 vary enough for
+group-relative advantages to point the way. Two rewards, summed (demo_grpo.yaml): `correct` — the last number in
+the answer is the sum; `brief` — correct, and short (1 for the number alone, less for every extra character).
+Rows carry the sum as `answer`, which the rewards read from the row.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ def correct(prompt: list[dict], completion: str, row: dict) -> float:
     return float(bool(numbers) and numbers[-1] == row["answer"])
 
 
-def only_the_number(prompt: list[dict], completion: str, row: dict) -> float:
-    """1 when the completion is the sum and nothing else (surrounding whitespace and a final period allowed)."""
-    return float(completion.strip().rstrip(".") == row["answer"])
+def brief(prompt: list[dict], completion: str, row: dict) -> float:
+    """`correct`, less 1/20 for every character beyond the number: 1 for "7", 0.6 for "3 + 4 = 7", 0.25 for
+    "The answer is 7.", 0 from 21 extra characters on — a slope towards the number alone."""
+    extra = len(completion.strip()) - len(row["answer"])
+    return correct(prompt, completion, row) * max(0.0, 1.0 - extra / 20)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: every answer runs to max_new_tokens
-    logprobs: bool = False  # return each chosen token's log-probability under the model (temperature 1, no top-p)
+    logprobs: bool = False  # return each chosen token's log-probability (at this temperature, before top-p)
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,10 @@ class Engine:
                 tokens[i] = _sample(logits[i], generation.params, generation.generator)
         wanted = [i for i, g in enumerate(generations) if g.params.logprobs]
         if wanted:
-            chosen = torch.log_softmax(logits[wanted], -1).gather(1, tokens[wanted, None])[:, 0].tolist()
+            # The distribution the token was drawn from: logits / temperature (greedy rows: the model's own).
+            temperature = torch.tensor([generations[i].params.temperature or 1.0 for i in wanted],
+                                       device=logits.device)[:, None]
+            chosen = torch.log_softmax(logits[wanted] / temperature, -1).gather(1, tokens[wanted, None])[:, 0].tolist()
             for i, logprob in zip(wanted, chosen):
                 generations[i].logprobs.append(logprob)
         return tokens.tolist()

@@ -98,8 +98,9 @@ def concatenate(batches: Sequence[Batch]) -> Batch:
     width = max(b["input_ids"].shape[1] for b in batches)
     fill = {"labels": IGNORE_INDEX}
     keys = set(batches[0])
-    if any(set(b) != keys for b in batches) or "position_ids" in keys:
-        raise LoraforgeError("batches run together need the same keys and no packing (position_ids)")
+    if any(set(b) != keys for b in batches) or keys & {"position_ids", "prompt_ids"}:
+        raise LoraforgeError("batches run together need the same keys, no packing (position_ids) and no shared "
+                             "prompts (prompt_ids)")
     joined = {}
     for key in keys:
         parts = []

@@ -4,8 +4,9 @@ Each rollout takes the next `batch_size × grad_accum` prompts of the seeded ord
 completions of each from the policy (the adapter being trained) on our own engine: one continuous batch, no
 merge, no weight sync, no second model. Every completion is scored by the reward function(s); advantages are
 the rewards normalised within each prompt's group (objectives.group_advantages); the clipped policy-gradient
-objective (objectives.policy_gradient) trains on them for `iterations` optimizer steps. The sampler's log-probs
-are π_old, so the ratio needs no extra forward pass.
+objective (objectives.policy_gradient) trains on them for `iterations` optimizer steps. The policy is the
+model at the sampling temperature (logits / T, as TRL computes it), and the sampler's log-probs are π_old, so the
+ratio needs no extra forward pass.
 
 Rows: {"messages": [… ending with a user turn]} or {"prompt": "text" | [messages]}, plus any other fields; the
 reward gets the raw row (e.g. a reference answer to check against):
@@ -35,6 +36,7 @@ from loraforge.demo import DEMO_PROMPTS
 from loraforge.data import IGNORE_INDEX, DataReport, Messages, clean, example_order, read_rows, render, split_conversations
 from loraforge.errors import ConfigError, DataError, TrainingError
 from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient, target_mask
+from loraforge.serve.batch import left_padded
 from loraforge.serve.engine import SamplingParams
 from loraforge.train.client import Datum, SharedBase, TrainingClient, batch_of
 from loraforge.train.stage import StageData, Validation, total_steps
@@ -159,6 +161,22 @@ def per_token(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Ten
     return out
 
 
+def shared_prompt_inputs(prompts: Sequence[list[int]], completions: Sequence[list[int]], group_size: int,
+                         pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch keys that let the training forward compute each prompt once for its whole group
+    (loss._at_targets_shared_prompts): prompts left-padded, completions right-padded, each row's prompt."""
+    prompt_ids, prompt_mask = left_padded(prompts, pad_id, device)
+    width = max(len(c) for c in completions)
+    completion_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, tokens in enumerate(completions):
+        completion_ids[i, : len(tokens)] = torch.tensor(tokens)
+        completion_mask[i, : len(tokens)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "prompt_index": torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+            "completion_ids": completion_ids.to(device), "completion_mask": completion_mask.to(device)}
+
+
 class GrpoStage:
     name, metric, higher_is_better = "grpo", "reward", True
 
@@ -245,11 +263,16 @@ class GrpoStage:
         advantages = group_advantages(rewards, options.scale_rewards)
         datums = [Datum(prompt.prompt_ids + list(c.token_ids), [IGNORE_INDEX] * len(prompt.prompt_ids) + list(c.token_ids),
                         {"old_logprobs": [0.0] * len(prompt.prompt_ids) + list(c.logprobs),
-                         "advantages": float(advantages[i, k])})
+                         "advantages": float(advantages[i, k]), "temperature": options.temperature})
                   for i, (prompt, group) in enumerate(zip(prompts, groups)) for k, c in enumerate(group)]
-        rows = config.batch_size * options.group_size
-        batches = [batch_of(datums[start : start + rows], self.tokenizer.pad_token_id, self.device)
-                   for start in range(0, len(datums), rows)]
+        rows, pad = config.batch_size * options.group_size, self.tokenizer.pad_token_id
+        batches = [batch_of(datums[start : start + rows], pad, self.device) for start in range(0, len(datums), rows)]
+        if not config.gradient_checkpointing:  # (which turns the KV cache off in training)
+            completions = [list(c.token_ids) for group in groups for c in group]
+            batches = [{**batch, **shared_prompt_inputs(
+                [p.prompt_ids for p in prompts[k * config.batch_size : (k + 1) * config.batch_size]],
+                completions[k * rows : (k + 1) * rows], options.group_size, pad, self.device)}
+                for k, batch in enumerate(batches)]
         if options.beta:
             batches = [{**b, "reference_token_logprobs": per_token(client.forward(b, CROSS_ENTROPY, adapter=False)
                                                                    .logprobs, b)} for b in batches]

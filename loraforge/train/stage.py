@@ -66,9 +66,12 @@ class Stage(Protocol):
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
+    """max_steps, else the optimizer steps of `epochs` passes over the training rows (GRPO: each rollout of
+    `batch_size × grad_accum` prompts trains grpo.iterations steps)."""
     if config.max_steps:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
+    passes = max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
+    return passes * (config.grpo.iterations if config.stage == "grpo" else 1)
 
 
 def stage_for(config: TrainConfig, device: torch.device) -> Stage:
