@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int | None:
                       "no data given: the bundled demo (JSON extraction from order messages, demo.yaml)")
     from loraforge.hardware import autocast_dtype, autocast_for, resolve_precision
     from loraforge.train import train
-    from loraforge.train.stage import compare_after_training
+    from loraforge.train.stages import compare_after_training
 
     result = train(config, console, keep_model=config.compare and config.finetune != "full")
     if result.stopped == "interrupted":  # the user wants out: no comparison, no report

@@ -245,9 +245,6 @@ class GrpoOptions(Section):
         return [value] if isinstance(value, str) else value
 
 
-STAGES = ("sft", "dpo", "grpo")
-
-
 class TrainConfig(Section):
     """One fine-tuning job: `loraforge train [config.yaml] [key=value ...]`."""
 

@@ -41,7 +41,8 @@ from loraforge.train.checkpoint import load_checkpoint, save_checkpoint, stage_t
 from loraforge.train.client import TrainingClient
 from loraforge.train.log import MetricsLog, plot_learning_curve
 from loraforge.train.run_folder import RunFolder
-from loraforge.train.stage import Stage, stage_for, total_steps
+from loraforge.train.stage import Stage, total_steps
+from loraforge.train.stages import stage_for
 from loraforge.train.state import TrainingState
 from loraforge.train.step import train_step
 from loraforge.train.trainee import AdapterTrainee, FullModelTrainee, Trainee

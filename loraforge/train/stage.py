@@ -5,6 +5,8 @@ checkpoints and resume, early stopping, metrics, TensorBoard and the report.
     sft   supervised answers (data.py, cross-entropy)                 sft.py
     dpo   preference pairs, the base with the adapter off as reference dpo.py
     grpo  prompts + a Python reward, group-relative policy gradient    grpo.py
+
+stages.py picks one by name.
 """
 
 from __future__ import annotations
@@ -72,29 +74,3 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
         return config.max_steps
     passes = max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
     return passes * (config.grpo.iterations if config.stage == "grpo" else 1)
-
-
-def stage_for(config: TrainConfig, device: torch.device) -> Stage:
-    if config.stage == "dpo":
-        from loraforge.train.dpo import DpoStage
-
-        return DpoStage(config, device)
-    if config.stage == "grpo":
-        from loraforge.train.grpo import GrpoStage
-
-        return GrpoStage(config, device)
-    from loraforge.train.sft import SftStage
-
-    return SftStage(config, device)
-
-
-def compare_after_training(config: TrainConfig, lora, tokenizer, autocast) -> dict | None:
-    """The stage's base-vs-tuned comparison on the run's test split (None when there is none): the model's
-    adapter "tuned" against the base, in the precision training used."""
-    if config.stage == "dpo":
-        from loraforge.train.dpo import compare
-    elif config.stage == "grpo":
-        from loraforge.train.grpo import compare
-    else:
-        from loraforge.train.sft import compare
-    return compare(config, lora, tokenizer, autocast)
