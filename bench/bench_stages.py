@@ -9,17 +9,16 @@ Every run is a whole `loraforge train` process (bench/timeline.py: wall time, pe
   number-alone rate reported) at each rank of --ranks, alpha 32; reported: base vs tuned mean reward on the
   held-out prompts (greedy), and a step's time split into sampling (generation of the group's completions),
   scoring (the rewards) and training (forward + backward + optimizer: the rest of the step).
-- DPO: pairs made from the SFT demo's orders (`preference_pairs`: chosen = the right JSON, rejected = the same
-  JSON with its quantity or city swapped for another row's: close calls, not style), 40 steps × 4 pairs;
-  reported: preference accuracy and margin on the validation pairs, and how often base and tuned give the
-  chosen answer the higher per-token log-probability on the test pairs.
+- DPO: pairs made from the SFT demo's orders (`preference_pairs`: chosen = the JSON answer, rejected = the same
+  facts as an English sentence, which the base model finds likelier: a preference it does not hold yet),
+  40 steps × 4 pairs; reported: preference accuracy and margin on the validation pairs, and how often base and
+  tuned give the chosen answer the higher per-token log-probability on the test pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -31,18 +30,15 @@ from timeline import run  # noqa: E402
 from loraforge.demo import DEMO_DATA  # noqa: E402
 
 
-def preference_pairs(path: Path, rows: int = 400, seed: int = 0) -> Path:
-    """Order messages → (the right JSON, the JSON with one field taken from another order)."""
-    rng = random.Random(seed)
-    conversations = [json.loads(line)["messages"] for line in DEMO_DATA.read_text().splitlines()[:rows]]
-    answers = [json.loads(c[-1]["content"]) for c in conversations]
+def preference_pairs(path: Path, rows: int = 400) -> Path:
+    """Order messages → (the JSON answer, the same facts as an English sentence)."""
     with path.open("w") as out:
-        for messages, answer in zip(conversations, answers):
-            wrong = dict(answer)
-            key = rng.choice(["quantity", "city"])
-            wrong[key] = next(a[key] for a in rng.sample(answers, len(answers)) if a[key] != answer[key])
+        for line in DEMO_DATA.read_text().splitlines()[:rows]:
+            messages = json.loads(line)["messages"]
+            order = json.loads(messages[-1]["content"])
+            sentence = f"{order['name']} ordered {order['quantity']} {order['item']}, to be shipped to {order['city']}."
             out.write(json.dumps({"prompt": messages[:-1], "chosen": messages[-1]["content"],
-                                  "rejected": json.dumps(wrong)}) + "\n")
+                                  "rejected": sentence}) + "\n")
     return path
 
 

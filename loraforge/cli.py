@@ -15,6 +15,9 @@ from loraforge.errors import LoraforgeError
 TRAIN_HELP = """Fine-tune a LoRA adapter. With no arguments: SmolLM2-135M-Instruct on the bundled demo data
 (JSON extraction from order messages), then base vs tuned on held-out test prompts.
 
+Stages: stage=sft (default), stage=dpo (data: prompt/chosen/rejected rows), stage=grpo (data: prompt rows,
+grpo.reward=file.py:function; with no data: the bundled RL demo). See docs/stages.md.
+
 Configuration: an optional YAML file, then key=value overrides with dotted keys, e.g.
   loraforge train data=chats.jsonl output=runs/mine max_steps=200 lora.r=16 lora.targets='[q_proj,v_proj]'
 Keys: see --print-config (every key with its current value)."""

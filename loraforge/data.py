@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +31,7 @@ IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 Messages = list[dict[str, str]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -163,16 +165,14 @@ def validate(messages: Messages) -> None:
         raise ValueError("the last turn must be a non-empty assistant answer")
 
 
-def load_conversations(path: Path, config: DataConfig, report: DataReport) -> list[Conversation]:
-    """Read, convert, clean, validate and dedupe one file, adding counts to `report`."""
-    conversations, seen = [], set()
-    formats: Counter[str] = Counter(report.formats)
+def checked_rows(path: Path, config: DataConfig, report: DataReport, parse: Callable[[object, str], T]
+                 ) -> Iterator[tuple[str, T]]:
+    """(source, parse(row, source)) for each row that parses; a row whose parse raises ValueError stops the
+    load with file:line and the reason, or with `skip_invalid` is counted in `report` and skipped."""
     for source, row in read_rows(path):
         report.rows_read += 1
         try:
-            fmt = detect_format(row) if config.format == "auto" and isinstance(row, dict) else config.format
-            messages, empty, had_control = clean(to_messages(row, "messages" if fmt == "auto" else fmt))
-            validate(messages)
+            parsed = parse(row, source)
         except ValueError as exc:
             if not config.skip_invalid:
                 raise DataError(f"{source}: {exc} (set data.skip_invalid=true to skip such rows)") from None
@@ -180,6 +180,30 @@ def load_conversations(path: Path, config: DataConfig, report: DataReport) -> li
             if len(report.invalid_reasons) < 10:
                 report.invalid_reasons.append(f"{source}: {exc}")
             continue
+        yield source, parsed
+
+
+def three_splits(config: DataConfig, seed: int, load: Callable[[Path], list]) -> list[list]:
+    """Train / validation / test rows: the explicit validation_path / test_path files when given, else a seeded
+    split of the data file by config.split. `load` reads one file."""
+    rows = load(Path(config.path))
+    if config.validation_path or config.test_path:
+        return [rows] + [load(Path(extra)) if extra else [] for extra in (config.validation_path, config.test_path)]
+    return list(split_conversations(rows, config.split, seed))
+
+
+def load_conversations(path: Path, config: DataConfig, report: DataReport) -> list[Conversation]:
+    """Read, convert, clean, validate and dedupe one file, adding counts to `report`."""
+    conversations, seen = [], set()
+    formats: Counter[str] = Counter(report.formats)
+
+    def parse(row: object, source: str) -> tuple[str, Messages, int, bool]:
+        fmt = detect_format(row) if config.format == "auto" and isinstance(row, dict) else config.format
+        messages, empty, had_control = clean(to_messages(row, "messages" if fmt == "auto" else fmt))
+        validate(messages)
+        return fmt, messages, empty, had_control
+
+    for source, (fmt, messages, empty, had_control) in checked_rows(path, config, report, parse):
         formats[fmt] += 1
         report.empty_turns_dropped += empty
         report.rows_with_control_chars += had_control
@@ -214,11 +238,14 @@ def read_conversations(path: Path) -> list[Conversation]:
     return [Conversation(to_messages(row, "messages"), source) for source, row in read_rows(path)]
 
 
-def write_jsonl(conversations: list[Conversation], path: Path) -> None:
+def write_rows(rows: Sequence[dict], path: Path) -> None:
+    """Rows as JSONL (a run's copy of its data splits)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for conversation in conversations:
-            handle.write(json.dumps({"messages": conversation.messages}, ensure_ascii=False) + "\n")
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def write_jsonl(conversations: list[Conversation], path: Path) -> None:
+    write_rows([{"messages": conversation.messages} for conversation in conversations], path)
 
 
 # -- tokens --------------------------------------------------------------------------------------
@@ -288,13 +315,8 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, max_seq
     path = config.path or default_path
     if path is None:
         raise DataError("no data file given (data=FILE)")
-    conversations = load_conversations(Path(path), config, report)
-    if config.validation_path or config.test_path:
-        parts = [conversations]
-        for extra in (config.validation_path, config.test_path):
-            parts.append(load_conversations(Path(extra), config, report) if extra else [])
-    else:
-        parts = list(split_conversations(conversations, config.split, seed))
+    config = config.model_copy(update={"path": Path(path)})
+    parts = three_splits(config, seed, lambda file: load_conversations(file, config, report))
     splits = []
     for name, part in zip(("train", "validation", "test"), parts):
         kept_conversations, examples = [], []

@@ -474,7 +474,8 @@ def _run(args: argparse.Namespace) -> None:
 
     config = load_train_config(args.config_file, [f"model={args.model}", *args.overrides])
     model_config = load_model_config(args.model)
-    data = _data_figures(args.model, config) if config.data.path else None
+    # The token and information figures are SFT's; DPO and GRPO count one bit per pair / episode (said at train time).
+    data = _data_figures(args.model, config) if config.data.path and config.stage == "sft" else None
     fraction = args.target_fraction or (data["target_tokens"] / data["tokens"] if data else 1.0)
     est = estimate(args.model, config, args.dtype, fraction, model_config)
     tokens = args.tokens or (data["tokens"] if data else None)
@@ -495,6 +496,9 @@ def _run(args: argparse.Namespace) -> None:
     if data:
         console.print(f"data: {data['examples']} training conversations, {data['tokens']:,} tokens "
                       f"({data['target_tokens']:,} with loss)")
+    elif config.stage != "sft":
+        console.print(f"[dim]stage={config.stage}: the capacity check counts about one bit per "
+                      f"{'preference pair' if config.stage == 'dpo' else 'episode'} trained; training prints it[/]")
     elif config.data.path is None:
         console.print("[dim]give data=FILE (with a model folder or 'default') for tokens per epoch and the capacity "
                       "check[/]")

@@ -226,3 +226,17 @@ def crash_loss_at_call(monkeypatch, call: int):
 
     monkeypatch.setattr(client_module, "token_logprobs", crashing)
     return original
+
+
+def crash_when_taking_step(monkeypatch, stage_class, step: int):
+    """Make a stage raise RuntimeError("power cut") when the loop asks for step `step`'s micro-batches (a crash
+    mid-run, after the checkpoints before it); returns the real method, to put back before resuming."""
+    original = stage_class.micro_batches
+
+    def crashing(self, client, state):
+        if state.step == step - 1:
+            raise RuntimeError("power cut")
+        return original(self, client, state)
+
+    monkeypatch.setattr(stage_class, "micro_batches", crashing)
+    return original

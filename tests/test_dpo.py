@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import crash_when_taking_step
 from safetensors.torch import load_file
 
 from loraforge.cli import main
@@ -87,14 +88,7 @@ def test_a_tiny_model_learns_a_trivial_preference(tiny_model_dir, pairs_file, tm
 def test_dpo_resumes_step_exactly_after_a_crash(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     train(load_train_config(None, _overrides(tiny_model_dir, pairs_file, straight, "save_every=2", "max_steps=6")))
-    original = DpoStage.micro_batches
-
-    def crash_at_step_5(self, client, state):
-        if state.step == 4:
-            raise RuntimeError("power cut")
-        return original(self, client, state)
-
-    monkeypatch.setattr(DpoStage, "micro_batches", crash_at_step_5)
+    original = crash_when_taking_step(monkeypatch, DpoStage, 5)
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="power cut"):
         train(load_train_config(None, _overrides(tiny_model_dir, pairs_file, crashed, "save_every=2", "max_steps=6")))

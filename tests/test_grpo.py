@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import crash_when_taking_step
 from safetensors.torch import load_file
 
 from loraforge.config import DataConfig, LoraConfig, load_train_config
@@ -161,14 +162,7 @@ def test_grpo_resumes_step_exactly_inside_a_rollout(tiny_model_dir, prompts_file
     extra = ("save_every=3", "grpo.iterations=2", "max_steps=6")
     straight = tmp_path / "straight"
     train(load_train_config(None, _overrides(tiny_model_dir, prompts_file, straight, f"{rewards_file}:vowels", *extra)))
-    original = GrpoStage.micro_batches
-
-    def crash_at_step_5(self, client, state):
-        if state.step == 4:
-            raise RuntimeError("power cut")
-        return original(self, client, state)
-
-    monkeypatch.setattr(GrpoStage, "micro_batches", crash_at_step_5)
+    original = crash_when_taking_step(monkeypatch, GrpoStage, 5)
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="power cut"):
         train(load_train_config(None, _overrides(tiny_model_dir, prompts_file, crashed, f"{rewards_file}:vowels",

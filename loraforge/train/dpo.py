@@ -22,8 +22,8 @@ import torch
 from loraforge.advise import BITS_PER_EPISODE
 from loraforge.atomic import write_text
 from loraforge.config import DataConfig, TrainConfig
-from loraforge.data import (IGNORE_INDEX, DataReport, Example, Messages, clean, collate, read_rows,
-                            split_conversations, tokenize, validate)
+from loraforge.data import (IGNORE_INDEX, DataReport, Example, Messages, checked_rows, clean, collate, read_rows,
+                            three_splits, tokenize, validate, write_rows)
 from loraforge.errors import DataError
 from loraforge.loss import token_logprobs
 from loraforge.objectives import CROSS_ENTROPY, dpo, row_sums, sequence_logprobs
@@ -96,17 +96,7 @@ def to_pair(row: object, source: str) -> PreferencePair:
 
 def load_pairs(path: Path, config: DataConfig, report: DataReport) -> list[PreferencePair]:
     pairs, seen = [], set()
-    for source, row in read_rows(path):
-        report.rows_read += 1
-        try:
-            pair = to_pair(row, source)
-        except ValueError as exc:
-            if not config.skip_invalid:
-                raise DataError(f"{source}: {exc} (set data.skip_invalid=true to skip such rows)") from None
-            report.rows_invalid += 1
-            if len(report.invalid_reasons) < 10:
-                report.invalid_reasons.append(f"{source}: {exc}")
-            continue
+    for _, pair in checked_rows(path, config, report, to_pair):
         key = json.dumps(pair.to_row(), sort_keys=True, ensure_ascii=False)
         if config.dedupe and key in seen:
             report.duplicates_dropped += 1
@@ -132,11 +122,6 @@ def pair_batch(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, t
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
 
 
-def write_pairs(pairs: Sequence[PreferencePair], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, "".join(json.dumps(p.to_row(), ensure_ascii=False) + "\n" for p in pairs))
-
-
 def read_pairs(path: Path) -> list[PreferencePair]:
     return [to_pair(row, source) for source, row in read_rows(path)] if path.exists() else []
 
@@ -155,19 +140,14 @@ class DpoStage:
             raise DataError("stage=dpo needs preference data: data=pairs.jsonl (rows with prompt, chosen, rejected)")
         self.pad_id = tokenizer.pad_token_id
         report = DataReport()
-        pairs = load_pairs(Path(config.data.path), config.data, report)
-        if config.data.validation_path or config.data.test_path:
-            parts = [pairs] + [load_pairs(Path(p), config.data, report) if p else []
-                               for p in (config.data.validation_path, config.data.test_path)]
-        else:
-            parts = list(split_conversations(pairs, config.data.split, config.seed))
+        parts = three_splits(config.data, config.seed, lambda file: load_pairs(file, config.data, report))
         splits = []
         for name, part in zip(("train", "validation", "test"), parts):
             tokenized = [t for t in (tokenize_pair(tokenizer, p, config.max_seq_len) for p in part) if t is not None]
             report.dropped_no_target += len(part) - len(tokenized)
             report.split_sizes[name] = len(tokenized)
             report.tokens[name] = sum(len(t.chosen.input_ids) + len(t.rejected.input_ids) for t in tokenized)
-            write_pairs([t.pair for t in tokenized], run_root / "data" / f"{name}.jsonl")
+            write_rows([t.pair.to_row() for t in tokenized], run_root / "data" / f"{name}.jsonl")
             splits.append(tokenized)
         write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
         if not splits[0]:

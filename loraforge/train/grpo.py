@@ -33,7 +33,8 @@ from loraforge.advise import BITS_PER_EPISODE
 from loraforge.atomic import write_text
 from loraforge.config import DataConfig, TrainConfig
 from loraforge.demo import DEMO_PROMPTS
-from loraforge.data import IGNORE_INDEX, DataReport, Messages, clean, example_order, read_rows, render, split_conversations
+from loraforge.data import (IGNORE_INDEX, DataReport, Messages, checked_rows, clean, example_order, read_rows, render,
+                            three_splits, write_rows)
 from loraforge.errors import ConfigError, DataError, TrainingError
 from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient, target_mask
 from loraforge.serve.batch import left_padded
@@ -76,17 +77,7 @@ def to_prompt(row: object, source: str) -> PromptRow:
 
 
 def load_prompts(path: Path, config: DataConfig, report: DataReport) -> list[PromptRow]:
-    prompts = []
-    for source, row in read_rows(path):
-        report.rows_read += 1
-        try:
-            prompts.append(to_prompt(row, source))
-        except ValueError as exc:
-            if not config.skip_invalid:
-                raise DataError(f"{source}: {exc} (set data.skip_invalid=true to skip such rows)") from None
-            report.rows_invalid += 1
-            if len(report.invalid_reasons) < 10:
-                report.invalid_reasons.append(f"{source}: {exc}")
+    prompts = [prompt for _, prompt in checked_rows(path, config, report, to_prompt)]
     report.kept += len(prompts)
     return prompts
 
@@ -192,12 +183,8 @@ class GrpoStage:
     def prepare(self, config: TrainConfig, tokenizer, run_root: Path, say: Callable[[str], None]) -> StageData:
         self.tokenizer = tokenizer
         report = DataReport()
-        prompts = load_prompts(Path(config.data.path or DEMO_PROMPTS), config.data, report)
-        if config.data.validation_path or config.data.test_path:
-            parts = [prompts] + [load_prompts(Path(p), config.data, report) if p else []
-                                 for p in (config.data.validation_path, config.data.test_path)]
-        else:
-            parts = list(split_conversations(prompts, config.data.split, config.seed))
+        data = config.data.model_copy(update={"path": config.data.path or DEMO_PROMPTS})
+        parts = three_splits(data, config.seed, lambda file: load_prompts(file, data, report))
         room = config.max_seq_len - self.options.max_new_tokens
         splits = []
         for name, part in zip(("train", "validation", "test"), parts):
@@ -210,9 +197,7 @@ class GrpoStage:
             report.truncated += len(part) - len(kept)  # prompts with no room left for an answer: dropped
             report.split_sizes[name] = len(kept)
             report.tokens[name] = sum(len(p.prompt_ids) for p in kept)
-            (run_root / "data").mkdir(parents=True, exist_ok=True)
-            write_text(run_root / "data" / f"{name}.jsonl",
-                       "".join(json.dumps(p.row, ensure_ascii=False) + "\n" for p in kept))
+            write_rows([p.row for p in kept], run_root / "data" / f"{name}.jsonl")
             splits.append(kept)
         write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
         if not splits[0]:
