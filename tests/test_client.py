@@ -113,3 +113,13 @@ def test_a_custom_objective_over_log_probs(tiny_model_dir):
         result = client.forward_backward(_datums(base, A_DATA), worst)
         client.optim_step()
     assert result.count == 1 and client.forward(_datums(base, A_DATA), worst).stats["min"] > before
+
+
+def test_a_groups_shared_prefill_answers_as_one_prompt_alone(tiny_model_dir):
+    base = SharedBase.load(str(tiny_model_dir), device="cpu")
+    client, _ = _clients(base)
+    params = SamplingParams(max_new_tokens=8, logprobs=True)  # greedy: every copy must equal the lone answer
+    (alone,) = client.sample([PROMPT], 1, params)[0]
+    group = client.sample([PROMPT], 4, params)[0]
+    assert all(s.token_ids == alone.token_ids for s in group)
+    assert all(s.logprobs == pytest.approx(alone.logprobs, abs=1e-5) for s in group)
