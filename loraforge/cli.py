@@ -241,6 +241,8 @@ def _eval(args: argparse.Namespace) -> None:
     data_file = Path(args.data) if args.data else (run / "data" / f"{args.split}.jsonl" if run else None)
     if data_file is None:
         raise LoraforgeError("eval needs a run folder or --data FILE")
+    if run and config.stage != "sft" and not args.data:
+        return _eval_stage_run(args, run, config, adapters, console)
     conversations = read_conversations(data_file)
     if not conversations:
         raise LoraforgeError(f"no conversations in {data_file}")
@@ -270,6 +272,29 @@ def _eval(args: argparse.Namespace) -> None:
         from loraforge.report import write_report
 
         console.print(f"report: {write_report(run)[0]}")
+
+
+def _eval_stage_run(args: argparse.Namespace, run: Path, config, adapters: list[str], console) -> None:
+    """A DPO / GRPO run's own comparison (preference or reward, base vs the run's adapter) on its test split: its
+    split files hold pairs or prompts, not conversations."""
+    from contextlib import nullcontext
+
+    from loraforge.train.stages import compare_after_training
+
+    if args.adapter or args.split != "test":
+        raise LoraforgeError(f"{run} is a stage={config.stage} run: eval compares base and its adapter on its test "
+                             "split; for other adapters or splits pass --data FILE of conversations")
+    lora, tokenizer = _load_for_inference(args.model or config.model, adapters, device=args.device,
+                                          quant=args.quant or config.quant)
+    config = config.model_copy(update={"output": run, "compare_samples": args.samples})
+    evaluation = compare_after_training(config, lora, tokenizer, nullcontext)
+    if evaluation is None:
+        raise LoraforgeError(f"{run / 'data' / 'test.jsonl'} holds no rows to compare on")
+    evaluation = {"split": "test", "stage": config.stage, **evaluation}
+    _print_evaluation(evaluation, console)
+    output = Path(args.output) if args.output else run / "evaluation.json"
+    _write_json(output, evaluation)
+    console.print(f"written: {output}")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -83,6 +83,9 @@ def test_a_tiny_model_learns_a_trivial_preference(tiny_model_dir, pairs_file, tm
     assert evaluation["models"]["tuned"]["loss"] < evaluation["models"]["base"]["loss"]  # on the chosen answers
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage"] == "dpo" and summary["dataset_bits"] == 12 * 4  # one bit per pair trained
+    (run / "evaluation.json").unlink()
+    assert main(["eval", str(run), "--samples", "6"]) == 0  # the run's own comparison again, from its files
+    assert json.loads((run / "evaluation.json").read_text())["models"] == evaluation["models"]
 
 
 def test_dpo_resumes_step_exactly_after_a_crash(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
