@@ -48,8 +48,8 @@ def check_full_attention(config) -> None:
     tensors directly, which sliding-window and linear-attention layers (they keep more state) would not survive."""
     kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer}
     if kinds:
-        raise LoraforgeError(f"serve needs a model whose every layer uses plain full attention; this one has "
-                             f"{', '.join(sorted(kinds))} layers")
+        raise LoraforgeError(f"loraforge's generation engine (serve, GRPO rollouts) needs a model whose every layer "
+                             f"uses plain full attention; this one has {', '.join(sorted(kinds))} layers")
 
 
 class RunningBatch:
