@@ -229,9 +229,6 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from loraforge.config import TrainConfig, load_train_config
-    from loraforge.data import read_conversations
-    from loraforge.evaluate import consistency, evaluate_models, resources
-    from loraforge.models import resolve_model_path
 
     console = make_console()
     run = Path(args.run_dir) if args.run_dir else None
@@ -242,7 +239,26 @@ def _eval(args: argparse.Namespace) -> None:
     if data_file is None:
         raise LoraforgeError("eval needs a run folder or --data FILE")
     if run and config.stage != "sft" and not args.data:
-        return _eval_stage_run(args, run, config, adapters, console)
+        evaluation = _stage_evaluation(args, run, config, adapters)
+    else:
+        evaluation = _answer_evaluation(args, config, adapters, data_file, console)
+    _print_evaluation(evaluation, console)
+    output = Path(args.output) if args.output else (run / "evaluation.json" if run else None)
+    if output:
+        _write_json(output, evaluation)
+        console.print(f"written: {output}")
+    if run and args.report:
+        from loraforge.report import write_report
+
+        console.print(f"report: {write_report(run)[0]}")
+
+
+def _answer_evaluation(args: argparse.Namespace, config, adapters: list[str], data_file: Path, console) -> dict:
+    """Base and adapters answering held-out conversations: loss, answer metrics, consistency, resources."""
+    from loraforge.data import read_conversations
+    from loraforge.evaluate import consistency, evaluate_models, resources
+    from loraforge.models import resolve_model_path
+
     conversations = read_conversations(data_file)
     if not conversations:
         raise LoraforgeError(f"no conversations in {data_file}")
@@ -263,18 +279,10 @@ def _eval(args: argparse.Namespace) -> None:
         evaluation["resources"] = resources(lora, tokenizer, names[0], adapter_dir,
                                             resolve_model_path(args.model or config.model),
                                             conversations[0].messages[:-1])
-    _print_evaluation(evaluation, console)
-    output = Path(args.output) if args.output else (run / "evaluation.json" if run else None)
-    if output:
-        _write_json(output, evaluation)
-        console.print(f"written: {output}")
-    if run and args.report:
-        from loraforge.report import write_report
-
-        console.print(f"report: {write_report(run)[0]}")
+    return evaluation
 
 
-def _eval_stage_run(args: argparse.Namespace, run: Path, config, adapters: list[str], console) -> None:
+def _stage_evaluation(args: argparse.Namespace, run: Path, config, adapters: list[str]) -> dict:
     """A DPO / GRPO run's own comparison (preference or reward, base vs the run's adapter) on its test split: its
     split files hold pairs or prompts, not conversations."""
     from contextlib import nullcontext
@@ -290,11 +298,7 @@ def _eval_stage_run(args: argparse.Namespace, run: Path, config, adapters: list[
     evaluation = compare_after_training(config, lora, tokenizer, nullcontext)
     if evaluation is None:
         raise LoraforgeError(f"{run / 'data' / 'test.jsonl'} holds no rows to compare on")
-    evaluation = {"split": "test", "stage": config.stage, **evaluation}
-    _print_evaluation(evaluation, console)
-    output = Path(args.output) if args.output else run / "evaluation.json"
-    _write_json(output, evaluation)
-    console.print(f"written: {output}")
+    return {"split": "test", "stage": config.stage, **evaluation}
 
 
 def _report(args: argparse.Namespace) -> None:

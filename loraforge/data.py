@@ -262,6 +262,12 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_pr
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
+    """The token ids a model answers from: the rendered messages and the template's generation prompt (the
+    template writes its special tokens itself)."""
+    return tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages,
                     from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans that carry loss: each assistant answer from turn

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from loraforge.data import IGNORE_INDEX, Example, Messages, collate, render
+from loraforge.data import IGNORE_INDEX, Example, Messages, collate, prompt_ids, render
 from loraforge.loss import causal_lm_loss, loss_and_predictions, perplexity
 from loraforge.metrics import choose_metrics, normalize, score
 
@@ -93,8 +93,7 @@ def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Se
     rows = []
     for conversation in conversations:
         example = tokenize(tokenizer, conversation.messages, max_seq_len)
-        prompt = tokenizer(render(tokenizer, conversation.messages[:-1], generation_prompt=True),
-                           add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tokenizer, conversation.messages[:-1])
         # The reference is the labelled run right after the generation prompt (the template may not allow that).
         start = len(prompt)
         matches = example.input_ids[:start] == prompt and start < len(example.labels) and \
@@ -152,12 +151,10 @@ def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str |
 
     open_rows = [(adapter, answer) for adapter, rows in answers.items() for answer in rows if not answer.done]
     if open_rows:
-        was_training = lora.training
         try:
             engine = Engine(lora, tokenizer, max_batch=max(batch_size, 1))
         except LoraforgeError:  # a cache the engine cannot batch (sliding windows): one row at a time
             engine = None
-        lora.train(was_training)
         if engine is not None:
             generations = [Generation(a.prompt_ids + a.tokens, adapter, SamplingParams(a.budget), index=i)
                            for i, (adapter, a) in enumerate(open_rows)]

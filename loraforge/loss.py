@@ -37,6 +37,25 @@ LOGITS_CHUNK_ELEMENTS = 2**26
 SCORING_CHUNK_ELEMENTS = 2**23
 
 
+def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T-1] True where a label is predicted (the positions token_logprobs returns, row by row)."""
+    return batch["labels"][:, 1:] != IGNORE_INDEX
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(target_mask(batch).sum())
+
+
+def target_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The row of each target position, in the flattened order: indexes a per-row tensor once per token."""
+    return target_mask(batch).nonzero()[:, 0]
+
+
+def targets_per_row(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] target positions of each row (at least 1, so that it can divide)."""
+    return target_mask(batch).sum(1).clamp(min=1)
+
+
 def perplexity(loss: float) -> float:
     """exp(mean loss per token), capped at e^50 so that a diverged run still reports a finite number."""
     return math.exp(min(loss, 50.0))
@@ -53,7 +72,7 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     outputs, labels, head = _at_targets(model, batch)
     temperature = None
     if "temperature" in batch:
-        temperature = batch["temperature"][(batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]][:, None]
+        temperature = batch["temperature"][target_rows(batch)][:, None]
     if head is not None:
         return -head_cross_entropy(head, outputs, labels, model.config.get_text_config().vocab_size, temperature)
     logits = outputs.float() if temperature is None else outputs.float() / temperature
@@ -86,7 +105,7 @@ def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     """(what the head reads at each target position — or the logits there, for models that post-process them —,
     the labels, the head or None)."""
     labels = batch["labels"][:, 1:]
-    targets = labels != IGNORE_INDEX
+    targets = target_mask(batch)
     plain = _plain_head(model)
     run = _backbone_hidden(model) if plain else lambda **inputs: model(**inputs).logits
     head = model.get_output_embeddings() if plain else None

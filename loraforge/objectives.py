@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraforge.data import IGNORE_INDEX
+from loraforge.loss import target_mask, target_rows, target_tokens, targets_per_row
 
 Batch = dict[str, torch.Tensor]
 LossFunction = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -36,20 +36,9 @@ class Objective:
     count: Callable[[Batch], float]
 
 
-def target_mask(batch: Batch) -> torch.Tensor:
-    """[B, T-1] True where a label is predicted (the positions token_logprobs returns, row by row)."""
-    return batch["labels"][:, 1:] != IGNORE_INDEX
-
-
-def target_tokens(batch: Batch) -> int:
-    return int(target_mask(batch).sum())
-
-
 def row_sums(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-row sums [B] of per-target values flattened row by row."""
-    mask = target_mask(batch)
-    rows = mask.nonzero()[:, 0]
-    return values.new_zeros(mask.shape[0]).index_add(0, rows, values)
+    return values.new_zeros(batch["labels"].shape[0]).index_add(0, target_rows(batch), values)
 
 
 # -- SFT ---------------------------------------------------------------------------------------------------
@@ -87,7 +76,7 @@ def dpo_terms(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refere
 def sequence_logprobs(logprobs: torch.Tensor, batch: Batch, average: bool) -> torch.Tensor:
     """Each row's log-probability of its targets: summed, or averaged per target token."""
     sums = row_sums(logprobs, batch)
-    return sums / target_mask(batch).sum(1).clamp(min=1) if average else sums
+    return sums / targets_per_row(batch) if average else sums
 
 
 def dpo(beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> Objective:
@@ -97,7 +86,7 @@ def dpo(beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> Obj
         policy = sequence_logprobs(logprobs, batch, average)
         reference = batch["reference_logprobs"]
         if average:
-            reference = reference / target_mask(batch).sum(1).clamp(min=1)
+            reference = reference / targets_per_row(batch)
         k = policy.shape[0] // 2
         per_pair, chosen, rejected = dpo_terms(policy[:k], policy[k:], reference[:k], reference[k:], beta, kind,
                                                label_smoothing)
@@ -134,13 +123,13 @@ def policy_gradient(epsilon_low: float = 0.2, epsilon_high: float | None = None,
     high = epsilon_low if epsilon_high is None else epsilon_high
 
     def loss(logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = target_mask(batch)
+        mask, rows = target_mask(batch), target_rows(batch)
         old = batch["old_logprobs"][:, 1:][mask]
-        advantages = batch["advantages"][mask.nonzero()[:, 0]]
+        advantages = batch["advantages"][rows]
         ratio = torch.exp(logprobs - old)
         clipped = ratio.clamp(1 - epsilon_low, 1 + high)
         per_token = -torch.min(ratio * advantages, clipped * advantages)
-        weight = (1 / mask.sum(1).clamp(min=1))[mask.nonzero()[:, 0]] if per_sequence else torch.ones_like(old)
+        weight = (1 / targets_per_row(batch))[rows] if per_sequence else torch.ones_like(old)
         stats = {"clip_fraction": float(((ratio != clipped).float() * weight).sum())}
         if beta:
             reference = batch["reference_token_logprobs"][:, 1:][mask]

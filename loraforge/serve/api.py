@@ -26,7 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from loraforge.data import render
+from loraforge.data import prompt_ids
 from loraforge.errors import AdapterError, AdapterFileError, LoraforgeError
 import loraforge.serve.protocol as wire
 from loraforge.serve.engine import Delta, Engine, Event, Failed, Finished, Generation, SamplingParams
@@ -206,8 +206,7 @@ def _openai_routes(server: Server) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = await _encode(server, lambda t: t(render(t, messages, generation_prompt=True),
-                                                    add_special_tokens=False)["input_ids"])
+        prompt = await _encode(server, lambda t: prompt_ids(t, messages))
         return await _complete(server, body, [prompt], chat=True)
 
     @router.post("/completions")

@@ -118,7 +118,7 @@ class EngineStats:
 class Engine:
     def __init__(self, lora: LoraModel, tokenizer: PreTrainedTokenizerBase, model_lock: threading.Lock | None = None,
                  max_batch: int = 32, max_prefill_tokens: int = 4096, threads: int | None = None) -> None:
-        self.lora = lora.eval()
+        self.lora = lora
         # Its own copy: the HTTP side encodes prompts on other threads, and a fast tokenizer refuses concurrent use.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.model_lock = model_lock or threading.Lock()
@@ -143,7 +143,10 @@ class Engine:
 
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the scheduler thread (serving). The model stays in eval mode from here on; batch jobs use run(),
+        which switches it only while it runs."""
         if self._thread is None:
+            self.lora.eval()
             self._thread = threading.Thread(target=self._run, name="loraforge-engine", daemon=True)
             self._thread.start()
 
@@ -170,17 +173,8 @@ class Engine:
 
     def generate(self, generations: Sequence[Generation]) -> list[Finished | Failed]:
         """Submit, wait (the engine must be started) and return each generation's final event, in order."""
-        results: dict[int, Finished | Failed] = {}
         done = threading.Event()
-
-        def collect(position: int, event: Event) -> None:
-            if isinstance(event, (Finished, Failed)):
-                results[position] = event
-                if len(results) == len(generations):
-                    done.set()
-
-        for position, generation in enumerate(generations):
-            generation.emit = lambda event, position=position: collect(position, event)
+        results = _final_events(generations, when_all=done.set)
         self.submit(generations)
         done.wait()
         return [results[i] for i in range(len(generations))]
@@ -188,10 +182,7 @@ class Engine:
     def run(self, generations: Sequence[Generation]) -> list[Finished | Failed]:
         """Submit and step until every generation is done, on the calling thread (for batch jobs: evaluation,
         rollouts; the scheduler thread must not be running). The model's train/eval mode is restored after."""
-        results: dict[int, Finished | Failed] = {}
-        for position, generation in enumerate(generations):
-            generation.emit = lambda event, position=position: (
-                results.__setitem__(position, event) if isinstance(event, (Finished, Failed)) else None)
+        results = _final_events(generations)
         was_training = self.lora.training
         self.lora.eval()
         try:
@@ -346,6 +337,23 @@ class Engine:
         callback, generation.on_exit = generation.on_exit, None
         if callback is not None:
             callback()
+
+
+def _final_events(generations: Sequence[Generation], when_all: Callable[[], None] = lambda: None
+                  ) -> dict[int, Finished | Failed]:
+    """Point each generation's `emit` at a dict that collects its final event under its position; `when_all`
+    runs once every generation has one."""
+    results: dict[int, Finished | Failed] = {}
+
+    def collect(position: int, event: Event) -> None:
+        if isinstance(event, (Finished, Failed)):
+            results[position] = event
+            if len(results) == len(generations):
+                when_all()
+
+    for position, generation in enumerate(generations):
+        generation.emit = lambda event, position=position: collect(position, event)
+    return results
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

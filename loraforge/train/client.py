@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch.autograd.graph import increment_version
 
 from loraforge.config import LoraConfig, TrainConfig
-from loraforge.data import IGNORE_INDEX, Messages, render
+from loraforge.data import IGNORE_INDEX, Messages, prompt_ids
 from loraforge.errors import LoraforgeError, TrainingError
-from loraforge.loss import token_logprobs
+from loraforge.loss import target_tokens, token_logprobs
 from loraforge.lora import LoraModel
-from loraforge.objectives import Batch, Objective, named_objective, target_tokens
+from loraforge.objectives import Batch, Objective, named_objective
 from loraforge.optim import build_optimizer, build_scheduler
 from loraforge.serve.engine import Engine, Failed, Generation, SamplingParams
 from loraforge.train.trainee import AdapterTrainee, Trainee
@@ -51,7 +51,7 @@ class ForwardBackwardResult:
 class Sample:
     token_ids: tuple[int, ...]
     text: str
-    logprobs: tuple[float, ...] | None  # per token, under the model (with SamplingParams.logprobs)
+    logprobs: tuple[float, ...] | None  # per token, at the sampling temperature (with SamplingParams.logprobs)
     finish_reason: str
 
 
@@ -304,16 +304,13 @@ class SharedBase:
 
     def engine(self) -> Engine:
         if self._engine is None:
-            was_training = self.lora.training
             self._engine = Engine(self.lora, self.tokenizer, max_batch=64)
-            self.lora.train(was_training)
         return self._engine
 
     def prompt_ids(self, prompt: Messages | list[int]) -> list[int]:
         if prompt and isinstance(prompt[0], int):
             return list(prompt)
-        return self.tokenizer(render(self.tokenizer, prompt, generation_prompt=True),
-                              add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tokenizer, prompt)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Messages | list[int]], n: int, params: SamplingParams,

@@ -33,10 +33,11 @@ from loraforge.advise import BITS_PER_EPISODE
 from loraforge.atomic import write_text
 from loraforge.config import DataConfig, TrainConfig
 from loraforge.demo import DEMO_PROMPTS
-from loraforge.data import (IGNORE_INDEX, DataReport, Messages, checked_rows, clean, example_order, read_rows, render,
+from loraforge.data import (IGNORE_INDEX, DataReport, Messages, checked_rows, clean, example_order, prompt_ids, read_rows,
                             three_splits, write_rows)
 from loraforge.errors import ConfigError, DataError, TrainingError
-from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient, target_mask
+from loraforge.loss import target_mask
+from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient
 from loraforge.serve.batch import left_padded
 from loraforge.serve.engine import SamplingParams
 from loraforge.train.client import Datum, SharedBase, TrainingClient, batch_of
@@ -144,6 +145,20 @@ def score(rewards: Sequence[Reward], prompt: PromptRow, completion: str) -> tupl
     return sum(r.weight * values[r.name] for r in rewards), values
 
 
+def score_all(rewards: Sequence[Reward], prompts: Sequence[PromptRow], completions: Sequence[str]
+              ) -> tuple[list[float], dict[str, float]]:
+    """Each completion's weighted total (completion i answers prompts[i]), and the means: "reward" of the
+    totals, "reward_<name>" of each reward's own values."""
+    totals, sums = [], {r.name: 0.0 for r in rewards}
+    for prompt, completion in zip(prompts, completions):
+        total, values = score(rewards, prompt, completion)
+        totals.append(total)
+        for name, value in values.items():
+            sums[name] += value
+    n = max(len(totals), 1)
+    return totals, {"reward": sum(totals) / n, **{f"reward_{name}": value / n for name, value in sums.items()}}
+
+
 # -- the stage ---------------------------------------------------------------------------------------------
 def per_token(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-target values (flattened row by row) as a [B, T] tensor aligned with labels."""
@@ -190,8 +205,7 @@ class GrpoStage:
         for name, part in zip(("train", "validation", "test"), parts):
             kept = []
             for prompt in part:
-                prompt.prompt_ids = tokenizer(render(tokenizer, prompt.messages, generation_prompt=True),
-                                              add_special_tokens=False)["input_ids"]
+                prompt.prompt_ids = prompt_ids(tokenizer, prompt.messages)
                 if len(prompt.prompt_ids) <= room:
                     kept.append(prompt)
             report.truncated += len(part) - len(kept)  # prompts with no room left for an answer: dropped
@@ -235,16 +249,9 @@ class GrpoStage:
         groups = self._base(client).sample([p.prompt_ids for p in prompts], options.group_size, params,
                                            client.adapter)
         sampled = time.perf_counter()
-        totals, parts = [], {r.name: 0.0 for r in self.rewards}
-        for prompt, group in zip(prompts, groups):
-            row = []
-            for completion in group:
-                total, values = score(self.rewards, prompt, completion.text)
-                row.append(total)
-                for name, value in values.items():
-                    parts[name] += value
-            totals.append(row)
-        rewards = torch.tensor(totals)
+        totals, means = score_all(self.rewards, [p for p in prompts for _ in range(options.group_size)],
+                                  [c.text for group in groups for c in group])
+        rewards = torch.tensor(totals).view(len(prompts), options.group_size)
         advantages = group_advantages(rewards, options.scale_rewards)
         datums = [Datum(prompt.prompt_ids + list(c.token_ids), [IGNORE_INDEX] * len(prompt.prompt_ids) + list(c.token_ids),
                         {"old_logprobs": [0.0] * len(prompt.prompt_ids) + list(c.logprobs),
@@ -261,11 +268,9 @@ class GrpoStage:
         if options.beta:
             batches = [{**b, "reference_token_logprobs": per_token(client.forward(b, CROSS_ENTROPY, adapter=False)
                                                                    .logprobs, b)} for b in batches]
-        n = rewards.numel()
         self.rollout_stats = {
-            "reward": float(rewards.mean()), "reward_std": float(rewards.std(dim=1).mean()),
-            **{f"reward_{name}": value / n for name, value in parts.items()},
-            "completion_tokens": sum(len(c.token_ids) for g in groups for c in g) / n,
+            **means, "reward_std": float(rewards.std(dim=1).mean()),
+            "completion_tokens": sum(len(c.token_ids) for g in groups for c in g) / rewards.numel(),
             "groups_without_signal": float((rewards.std(dim=1) == 0).float().mean()),
             "sample_s": sampled - started, "score_s": time.perf_counter() - sampled}
         return batches
@@ -280,14 +285,8 @@ class GrpoStage:
         answers = self._base(client).sample([p.prompt_ids for p in rows], 1,
                                             SamplingParams(max_new_tokens=self.options.max_new_tokens),
                                             client.adapter)
-        totals, parts = 0.0, {r.name: 0.0 for r in self.rewards}
-        for prompt, (answer,) in zip(rows, answers):
-            total, values = score(self.rewards, prompt, answer.text)
-            totals += total
-            for name, value in values.items():
-                parts[name] += value
-        n = max(len(rows), 1)
-        return Validation({"reward": totals / n, **{f"reward_{k}": v / n for k, v in parts.items()}}, len(rows))
+        _, means = score_all(self.rewards, rows, [answer.text for (answer,) in answers])
+        return Validation(means, len(rows))
 
     def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         return metrics
@@ -323,8 +322,7 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     if not prompts:
         return None
     rewards = load_rewards(config)
-    ids = [tokenizer(render(tokenizer, p.messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
-           for p in prompts]
+    ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
     base = SharedBase(lora, tokenizer, autocast)
     labels = {"base": None, "tuned": "tuned"}
     answers = base.sample(ids * 2, 1, SamplingParams(max_new_tokens=config.grpo.max_new_tokens),
@@ -332,13 +330,7 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     models, texts = {}, {}
     for offset, label in enumerate(labels):
         texts[label] = [answers[offset * len(ids) + i][0].text for i in range(len(ids))]
-        figures = {"reward": 0.0, **{f"reward_{r.name}": 0.0 for r in rewards}}
-        for prompt, text in zip(prompts, texts[label]):
-            total, values = score(rewards, prompt, text)
-            figures["reward"] += total / len(prompts)
-            for name, value in values.items():
-                figures[f"reward_{name}"] += value / len(prompts)
-        models[label] = figures
+        models[label] = score_all(rewards, prompts, texts[label])[1]
     reference_key = next((k for k in ("answer", "solution", "reference") if k in prompts[0].row), None)
     samples = [{"prompt": p.messages[-1]["content"], "reference": str(p.row.get(reference_key, "")) if reference_key
                 else "", "answers": {label: texts[label][i] for label in labels}} for i, p in enumerate(prompts)]

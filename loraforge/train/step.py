@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraforge.objectives import CROSS_ENTROPY, Objective, target_tokens
+from loraforge.loss import target_tokens
+from loraforge.objectives import CROSS_ENTROPY, Objective
 from loraforge.train.client import TrainingClient
 
 
