@@ -118,8 +118,11 @@ def test_a_custom_objective_over_log_probs(tiny_model_dir):
 def test_a_groups_shared_prefill_answers_as_one_prompt_alone(tiny_model_dir):
     base = SharedBase.load(str(tiny_model_dir), device="cpu")
     client, _ = _clients(base)
-    params = SamplingParams(max_new_tokens=8, logprobs=True)  # greedy: every copy must equal the lone answer
-    (alone,) = client.sample([PROMPT], 1, params)[0]
-    group = client.sample([PROMPT], 4, params)[0]
-    assert all(s.token_ids == alone.token_ids for s in group)
-    assert all(s.logprobs == pytest.approx(alone.logprobs, abs=1e-5) for s in group)
+    params = SamplingParams(max_new_tokens=8, logprobs=True)  # greedy: every copy must equal its lone answer
+    prompts = [PROMPT, [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]]
+    alone = [client.sample([prompt], 1, params)[0][0] for prompt in prompts]
+    assert alone[0].token_ids != alone[1].token_ids  # else a mixed-up cache copy could not show
+    groups = client.sample(prompts, 3, params)  # both groups admitted, and prefilled, together
+    for lone, group in zip(alone, groups):
+        assert all(s.token_ids == lone.token_ids for s in group)
+        assert all(s.logprobs == pytest.approx(lone.logprobs, abs=1e-5) for s in group)
