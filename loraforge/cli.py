@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -51,6 +52,8 @@ def _train(args: argparse.Namespace) -> int | None:
     from loraforge.train.stages import compare_after_training
 
     result = train(config, console, keep_model=config.compare and config.finetune != "full")
+    if result.rank != 0:  # torchrun: rank 0 compares and reports
+        return INTERRUPTED if result.stopped == "interrupted" else None
     if result.stopped == "interrupted":  # the user wants out: no comparison, no report
         console.print(f"interrupted at step {result.steps}; the run is checkpointed in {config.output}. Continue it "
                       f"with the same command and resume=true", markup=False)
@@ -387,20 +390,22 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     if not args.debug:
         quiet_libraries()
+    # Under torchrun every rank's error is printed, each saying whose it is.
+    who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         code = args.run(args)
     except LoraforgeError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who}interrupted", file=sys.stderr)
         return INTERRUPTED
     except Exception as exc:  # a bug, or a library failing: one line that says what and where, not a traceback
         if args.debug:
             raise
-        print(f"error: {unexpected_error(exc)}", file=sys.stderr)
+        print(f"{who}error: {unexpected_error(exc)}", file=sys.stderr)
         return 1
     return code or 0
 

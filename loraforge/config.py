@@ -216,6 +216,20 @@ class DpoOptions(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: the share of labels assumed flipped.")
 
 
+class DistributedOptions(Section):
+    """Several processes under torchrun (distributed.py); one process ignores this section."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every rank holds the whole base, adapter gradients are all-reduced; fsdp: FSDP2 "
+        "shards the frozen base over the ranks (one layer all-gathered at a time), for bases that do not fit one "
+        "device."
+    )
+    timeout_s: float = Field(
+        600, ge=10, description="A collective (a step's all-reduce, a barrier) that waits longer raises: a rank that "
+        "died or hangs takes the job down instead of leaving the others waiting."
+    )
+
+
 class GrpoOptions(Section):
     """Group relative policy optimisation (Shao et al. 2024) on prompt rows and a reward written in Python."""
 
@@ -323,6 +337,8 @@ class TrainConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard logs to output/tensorboard.")
     dpo: DpoOptions = Field(default_factory=DpoOptions, description="Options of stage=dpo.")
     grpo: GrpoOptions = Field(default_factory=GrpoOptions, description="Options of stage=grpo.")
+    distributed: DistributedOptions = Field(default_factory=DistributedOptions,
+                                            description="torchrun: how the ranks share the work.")
 
     @model_validator(mode="after")
     def _stage_options(self) -> TrainConfig:
@@ -331,6 +347,19 @@ class TrainConfig(Section):
                              "finetune=full has no adapter to switch off")
         if self.stage != "sft" and self.packing:
             raise ValueError(f"packing: packs SFT conversations; stage={self.stage} keeps one sequence per row")
+        if self.distributed.strategy == "fsdp":
+            if self.quant != "none":
+                raise ValueError(
+                    f"distributed.strategy: fsdp cannot shard a {self.quant} base: bitsandbytes' quantized weights have "
+                    "no FSDP2 all-gather extension (fsdp_pre_all_gather / fsdp_post_all_gather), so sharding would "
+                    "drop their quantization state (Answer.AI's fsdp_qlora needs FSDP1 with quant storage in the "
+                    "compute dtype). Use distributed.strategy=ddp: each device holds the 4-bit base")
+            if self.finetune == "full":
+                raise ValueError("distributed.strategy: fsdp shards the frozen base and keeps the adapter whole; "
+                                 "finetune=full has no frozen base (use ddp)")
+            if self.stage == "grpo":
+                raise ValueError("distributed.strategy: stage=grpo samples on each rank's own engine, which needs the "
+                                 "whole model on the rank (use ddp)")
         for name, options in (("dpo", DpoOptions), ("grpo", GrpoOptions)):
             if self.stage != name and getattr(self, name) != options():
                 raise ValueError(f"{name}: options of stage={name}; stage={self.stage} does not read them")

@@ -7,7 +7,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +17,17 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from loraforge.data import IGNORE_INDEX, Example, Messages, collate, prompt_ids, render
-from loraforge.loss import causal_lm_loss, loss_and_predictions, perplexity
+from loraforge.loss import loss_and_predictions, perplexity, token_logprobs
 from loraforge.metrics import choose_metrics, normalize, score
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[Example], pad_token_id: int, batch_size: int,
-                  device: torch.device, autocast=nullcontext) -> dict[str, float]:
-    """Mean token loss and perplexity over examples (model put in eval mode for the call)."""
+                  device: torch.device, autocast=nullcontext,
+                  logprobs: Callable[[dict], torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean token loss and perplexity over examples (model put in eval mode for the call). `logprobs`: what
+    computes a batch's token log-probs when not the model itself (training's DDP / FSDP2 wrapper)."""
+    logprobs = logprobs or (lambda batch: token_logprobs(model, batch))
     was_training = model.training
     model.eval()
     # Rows of similar length share a batch, so little padding is computed; the summed loss is order-free.
@@ -33,8 +36,8 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], pad_token_id: i
     for start in range(0, len(ordered), batch_size):
         batch = {k: v.to(device) for k, v in collate(ordered[start : start + batch_size], pad_token_id).items()}
         with autocast():
-            loss_sum, n = causal_lm_loss(model, batch)
-        total, count = total + loss_sum.item(), count + n
+            scores = logprobs(batch)
+        total, count = total - scores.sum().item(), count + scores.numel()
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}

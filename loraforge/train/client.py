@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.graph import increment_version
 
 from loraforge.config import LoraConfig, TrainConfig
 from loraforge.data import IGNORE_INDEX, Messages, prompt_ids
+from loraforge.distributed import DataParallel
 from loraforge.errors import LoraforgeError, TrainingError
 from loraforge.loss import target_tokens, token_logprobs
 from loraforge.lora import LoraModel
@@ -113,6 +115,17 @@ def concatenate(batches: Sequence[Batch]) -> Batch:
     return joined
 
 
+class LogprobsModule(nn.Module):
+    """token_logprobs as a module: what DDP and FSDP2 wrap (their hooks run around a module's forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return token_logprobs(self.model, batch)
+
+
 def _as_batch(batch: Batch | Sequence[Datum], pad_token_id: int, device: torch.device) -> Batch:
     return batch if isinstance(batch, dict) else batch_of(batch, pad_token_id, device)
 
@@ -127,8 +140,10 @@ class TrainingClient:
     def __init__(self, trainee: Trainee, optimizer: torch.optim.Optimizer, scheduler, *,
                  scaler: torch.amp.GradScaler | None = None,
                  autocast: Callable[[], AbstractContextManager] = nullcontext, max_grad_norm: float | None = 1.0,
-                 tokenizer=None, base: SharedBase | None = None) -> None:
+                 tokenizer=None, base: SharedBase | None = None, parallel: DataParallel | None = None) -> None:
         self.trainee, self.optimizer, self.scheduler = trainee, optimizer, scheduler
+        # Several ranks (torchrun): the loss runs through DDP / FSDP2, which keep the ranks' adapters equal.
+        self.parallel = parallel
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.autocast, self.max_grad_norm = autocast, max_grad_norm
         self.tokenizer, self.base = tokenizer, base
@@ -148,6 +163,16 @@ class TrainingClient:
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer is not None else 0
 
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """token_logprobs of this client's model (through DDP / FSDP2 when there are several ranks)."""
+        if self.parallel is not None:
+            return self.parallel.module(batch)
+        return token_logprobs(self.model, batch)
+
+    def accumulating(self) -> AbstractContextManager:
+        """Around every forward_backward of a step but its last: several ranks then exchange gradients once."""
+        return self.parallel.no_sync() if self.parallel is not None else nullcontext()
+
     def _only_mine(self) -> AbstractContextManager:
         """This adapter alone active (other clients' adapters on the same base stay out of the forward)."""
         return self.trainee.lora.using(self.adapter) if self.adapter is not None else nullcontext()
@@ -159,7 +184,7 @@ class TrainingClient:
         objective = _as_objective(loss)
         batch = _as_batch(batch, self._pad_id(), self._device())
         with self._only_mine(), self.autocast():
-            logprobs = token_logprobs(self.model, batch)
+            logprobs = self.logprobs(batch)
             value, stats = objective.loss(logprobs, batch)
         count = objective.count(batch)
         self.scaler.scale(value / (scale or max(count, 1))).backward()
@@ -177,7 +202,7 @@ class TrainingClient:
         self.model.eval()
         try:
             with switch, self.autocast():
-                logprobs = token_logprobs(self.model, batch)
+                logprobs = self.logprobs(batch)
                 value, stats = objective.loss(logprobs, batch)
         finally:
             self.model.train(was_training)
@@ -189,9 +214,11 @@ class TrainingClient:
     def optim_step(self, lr: float | None = None) -> float | None:
         """Apply the accumulated gradients (clipped to max_grad_norm): returns the gradient norm before clipping,
         or None without clipping. `lr` overrides the schedule for this step (each group keeps its ratio)."""
+        if self.parallel is not None:
+            self.parallel.reduce_gradients()
         with self.autocast():
             extra = self.trainee.extra_loss()  # AdaLoRA's orthogonality penalty: once per step
-        if extra is not None:
+        if extra is not None:  # the same on every rank: added after the ranks' gradients were summed
             self.scaler.scale(extra).backward()
         if lr is not None:
             first = self.optimizer.param_groups[0]["initial_lr"]

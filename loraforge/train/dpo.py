@@ -24,12 +24,13 @@ from loraforge.atomic import write_text
 from loraforge.config import DataConfig, TrainConfig
 from loraforge.data import (IGNORE_INDEX, DataReport, Example, Messages, checked_rows, clean, collate, read_rows,
                             three_splits, tokenize, validate, write_rows)
+from loraforge.distributed import is_main
 from loraforge.errors import DataError
 from loraforge.loss import token_logprobs
 from loraforge.objectives import CROSS_ENTROPY, dpo, row_sums, sequence_logprobs
 from loraforge.train.client import TrainingClient
 from loraforge.train.sft import seeded_micro_batches
-from loraforge.train.stage import StageData, Validation, total_steps
+from loraforge.train.stage import StageData, Validation, examples_per_step, total_steps
 from loraforge.train.state import TrainingState
 
 
@@ -147,9 +148,11 @@ class DpoStage:
             report.dropped_no_target += len(part) - len(tokenized)
             report.split_sizes[name] = len(tokenized)
             report.tokens[name] = sum(len(t.chosen.input_ids) + len(t.rejected.input_ids) for t in tokenized)
-            write_rows([t.pair.to_row() for t in tokenized], run_root / "data" / f"{name}.jsonl")
+            if is_main():
+                write_rows([t.pair.to_row() for t in tokenized], run_root / "data" / f"{name}.jsonl")
             splits.append(tokenized)
-        write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
+        if is_main():
+            write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
         if not splits[0]:
             raise DataError(f"{config.data.path}: no usable preference pairs")
         self.train = splits[0]
@@ -157,7 +160,7 @@ class DpoStage:
                    f"invalid, {report.duplicates_dropped} duplicates, {report.dropped_no_target} cut off) → "
                    f"train/validation/test pairs {report.split_sizes}")
         # A preference label carries at most one bit; the adapter has to hold no more than that.
-        pairs_trained = total_steps(config, len(self.train)) * config.batch_size * config.grad_accum
+        pairs_trained = total_steps(config, len(self.train)) * examples_per_step(config)
         return StageData(splits[0], splits[1], splits[2], summary, BITS_PER_EPISODE * pairs_trained,
                          f"≈ {BITS_PER_EPISODE:g} bit per preference pair, {pairs_trained} pairs trained")
 

@@ -35,13 +35,14 @@ from loraforge.config import DataConfig, TrainConfig
 from loraforge.demo import DEMO_PROMPTS
 from loraforge.data import (IGNORE_INDEX, DataReport, Messages, checked_rows, clean, example_order, prompt_ids, read_rows,
                             three_splits, write_rows)
+from loraforge.distributed import all_gather, all_sum, is_main, own_block, rank, world_size
 from loraforge.errors import ConfigError, DataError, TrainingError
 from loraforge.loss import target_mask
 from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient
 from loraforge.serve.batch import left_padded
 from loraforge.serve.engine import SamplingParams
 from loraforge.train.client import Datum, SharedBase, TrainingClient, batch_of
-from loraforge.train.stage import StageData, Validation, total_steps
+from loraforge.train.stage import StageData, Validation, examples_per_step, total_steps
 from loraforge.train.state import TrainingState
 
 RewardFunction = Callable[[Messages, str, dict], float]
@@ -211,9 +212,11 @@ class GrpoStage:
             report.truncated += len(part) - len(kept)  # prompts with no room left for an answer: dropped
             report.split_sizes[name] = len(kept)
             report.tokens[name] = sum(len(p.prompt_ids) for p in kept)
-            write_rows([p.row for p in kept], run_root / "data" / f"{name}.jsonl")
+            if is_main():
+                write_rows([p.row for p in kept], run_root / "data" / f"{name}.jsonl")
             splits.append(kept)
-        write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
+        if is_main():
+            write_text(run_root / "data_report.json", json.dumps(report.to_dict(), indent=1))
         if not splits[0]:
             raise DataError(f"{config.data.path or DEMO_PROMPTS}: no usable prompts")
         self.train = splits[0]
@@ -221,8 +224,7 @@ class GrpoStage:
                    f"{report.truncated} without room for a {self.options.max_new_tokens}-token answer) → "
                    f"train/validation/test prompts {report.split_sizes}")
         steps = total_steps(config, len(self.train))
-        episodes = math.ceil(steps / self.options.iterations) * config.batch_size * config.grad_accum \
-            * self.options.group_size
+        episodes = math.ceil(steps / self.options.iterations) * examples_per_step(config) * self.options.group_size
         return StageData(splits[0], splits[1], splits[2], summary, BITS_PER_EPISODE * episodes,
                          f"≈ {BITS_PER_EPISODE:g} bit per episode, {episodes} episodes sampled")
 
@@ -237,15 +239,20 @@ class GrpoStage:
         return self.rollout
 
     def _roll_out(self, client: TrainingClient, state: TrainingState) -> list[dict[str, torch.Tensor]]:
-        """Sample the next prompts' groups, score them, and build the micro-batches; advances state.consumed."""
+        """Sample the next prompts' groups (this rank's block of the step's prompts), score them, and build the
+        micro-batches; advances state.consumed by the step's prompts over all ranks."""
         config, options = self.config, self.options
         started = time.perf_counter()
-        per_step = config.batch_size * config.grad_accum
-        prompts = [self.train[i] for i in example_order(len(self.train), config.seed, state.consumed, per_step)]
+        per_step, mine = examples_per_step(config), config.batch_size * config.grad_accum
+        order = example_order(len(self.train), config.seed, state.consumed, per_step)
+        prompts = [self.train[i] for i in own_block(order, mine)]
         state.consumed += per_step
         rollout = state.step // options.iterations
+        # Completion k of the step's prompt i draws from seed + i·n + k, whichever rank samples it.
+        first = rank() * mine * options.group_size
         params = SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                                top_p=options.top_p, seed=(config.seed * 1_000_003 + rollout) * 4099, logprobs=True)
+                                top_p=options.top_p, seed=(config.seed * 1_000_003 + rollout) * 4099 + first,
+                                logprobs=True)
         groups = self._base(client).sample([p.prompt_ids for p in prompts], options.group_size, params,
                                            client.adapter)
         sampled = time.perf_counter()
@@ -268,11 +275,13 @@ class GrpoStage:
         if options.beta:
             batches = [{**b, "reference_token_logprobs": per_token(client.forward(b, CROSS_ENTROPY, adapter=False)
                                                                    .logprobs, b)} for b in batches]
-        self.rollout_stats = {
+        stats = {
             **means, "reward_std": float(rewards.std(dim=1).mean()),
             "completion_tokens": sum(len(c.token_ids) for g in groups for c in g) / rewards.numel(),
             "groups_without_signal": float((rewards.std(dim=1) == 0).float().mean()),
             "sample_s": sampled - started, "score_s": time.perf_counter() - sampled}
+        # Every rank's share is the same size: the step's means are the means of the ranks' means.
+        self.rollout_stats = dict(zip(stats, (v / world_size() for v in all_sum(list(stats.values())))))
         return batches
 
     def step_stats(self) -> dict[str, float]:
@@ -296,19 +305,23 @@ class GrpoStage:
         on the same completions."""
         if self.rollout is None or self.options.iterations == 1:
             return {}
-        return {f"rollout.{i}.{key}": value for i, batch in enumerate(self.rollout) for key, value in batch.items()}
+        # Every rank's micro-batches, in the step's order: a resume on another number of ranks splits them anew.
+        batches = [batch for part in all_gather([{k: v.cpu() for k, v in b.items()} for b in self.rollout])
+                   for batch in part]
+        return {f"rollout.{i}.{key}": value for i, batch in enumerate(batches) for key, value in batch.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         batches: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in tensors.items():
             _, index, key = name.split(".", 2)
             batches.setdefault(int(index), {})[key] = value.to(self.device)
-        self.rollout = [batches[i] for i in sorted(batches)] if batches else None
+        ordered = [batches[i] for i in sorted(batches)]
+        self.rollout = list(own_block(ordered, len(ordered) // world_size())) if batches else None
 
     def describe(self) -> str | None:
         options = self.options
         rewards = ", ".join(f"{r.name} × {r.weight:g}" for r in self.rewards)
-        return (f"stage grpo: {self.config.batch_size * self.config.grad_accum} prompts × {options.group_size} "
+        return (f"stage grpo: {examples_per_step(self.config)} prompts × {options.group_size} "
                 f"completions per rollout (temperature {options.temperature}, ≤ {options.max_new_tokens} tokens), "
                 f"{options.iterations} step(s) per rollout, clip ε {options.epsilon}, KL β {options.beta}, loss "
                 f"{options.loss_type}; rewards: {rewards}")

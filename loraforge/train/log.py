@@ -25,10 +25,14 @@ def _finite_or_none(value):
 
 class MetricsLog:
     """metrics.jsonl, one JSON object per line (a non-finite value is written as null: strict readers reject NaN),
-    and the same scalars to TensorBoard. On resume, rows past the checkpoint's step are dropped first."""
+    and the same scalars to TensorBoard. On resume, rows past the checkpoint's step are dropped first. `path`
+    None: log nothing (the ranks other than 0 of a distributed run)."""
 
-    def __init__(self, path: Path, tensorboard: Path | None, resume_step: int | None) -> None:
+    def __init__(self, path: Path | None, tensorboard: Path | None, resume_step: int | None) -> None:
         self.path = path
+        if path is None:
+            self.writer = NoWriter()
+            return
         if resume_step is None:
             write_text(path, "")
         else:
@@ -42,6 +46,8 @@ class MetricsLog:
             self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step)
 
     def log(self, step: int, **values: float | None) -> None:
+        if self.path is None:
+            return
         row = {"step": step, **{key: _finite_or_none(value) for key, value in values.items()}}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
@@ -50,7 +56,7 @@ class MetricsLog:
                 self.writer.add_scalar(key, value, step)
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 

@@ -30,6 +30,8 @@ from loraforge.advise import (adapter_layout, capacity_advice, nats_to_bits, pri
 from loraforge.atomic import write_folder, write_text
 from loraforge.config import TrainConfig
 from loraforge.console import make_console
+from loraforge.distributed import (active, any_rank, is_main, join, leave, main_first, on_main, rank, step_seed,
+                                   world_size, wrap)
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
                                 grad_scaler_for, resolve_precision)
@@ -38,10 +40,10 @@ from loraforge.memory import release_checkpoint_mapping
 from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model
 from loraforge.optim import build_optimizer, build_scheduler
 from loraforge.train.checkpoint import load_checkpoint, save_checkpoint, stage_tensors
-from loraforge.train.client import TrainingClient
+from loraforge.train.client import LogprobsModule, TrainingClient
 from loraforge.train.log import MetricsLog, plot_learning_curve
 from loraforge.train.run_folder import RunFolder
-from loraforge.train.stage import Stage, total_steps
+from loraforge.train.stage import Stage, examples_per_step, total_steps, validate_on_all_ranks
 from loraforge.train.stages import stage_for
 from loraforge.train.state import TrainingState
 from loraforge.train.step import train_step
@@ -65,6 +67,8 @@ class TrainResult:
     tokenizer: object = field(default=None, repr=False)
     stage: str = "sft"
     val_metric: str = "loss"  # what final_val_loss / best_val_loss hold: the loss, or for grpo the reward
+    world_size: int = 1  # processes that trained together (torchrun)
+    rank: int = 0  # this process's rank among them: only rank 0 compares and reports after training
 
 
 class StopRequest:
@@ -99,7 +103,7 @@ MIN_VALIDATION_ROWS = 16
 def validation_sample_size(config: TrainConfig, eval_every: int, n_validation: int) -> int:
     if config.val_samples:
         return min(config.val_samples, n_validation)
-    trained = eval_every * config.batch_size * config.grad_accum
+    trained = eval_every * examples_per_step(config)
     return min(n_validation, max(MIN_VALIDATION_ROWS, round(3 * VALIDATION_SHARE * trained)))
 
 
@@ -133,6 +137,12 @@ def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps:
     return trainee
 
 
+def _open_run(config: TrainConfig, console: Console) -> str | None:
+    """Rank 0's part of opening the run folder: the checkpoint to resume from, as a path every rank can read."""
+    _, checkpoint = RunFolder.open(config, console.print)
+    return None if checkpoint is None else str(checkpoint)
+
+
 def measured_information(state: TrainingState, train_targets: int) -> tuple[float, str] | None:
     """(bits, how) of the dataset's information from training's own log-loss over its first epoch: the
     prequential code length, scaled up when the run ended inside the epoch."""
@@ -147,14 +157,20 @@ def measured_information(state: TrainingState, train_targets: int) -> tuple[floa
 
 def train(config: TrainConfig, console: Console | None = None, keep_model: bool = False) -> TrainResult:
     """Run the job. With `keep_model`, the result holds the trained LoraModel and tokenizer (the comparison
-    after training reuses them instead of loading a second copy)."""
-    console = console or make_console()
+    after training reuses them instead of loading a second copy). Under torchrun every rank calls this; rank 0
+    alone writes the run folder and talks (distributed.py)."""
     started = time.perf_counter()
     full = config.finetune == "full"
     if full and config.quant != "none":
         raise ConfigError(f"finetune=full trains float weights: it cannot use quant={config.quant}")
-    run, resume_from = RunFolder.open(config, console.print)
     device, precision = resolve_precision(config)
+    device = join(device, config.distributed.timeout_s)
+    console = (console or make_console()) if is_main() else Console(quiet=True)
+    resume = on_main(lambda: _open_run(config, console))
+    run, resume_from = RunFolder(Path(config.output)), Path(resume) if resume else None
+    if world_size() > 1:
+        console.print(f"{world_size()} processes ({config.distributed.strategy}): {examples_per_step(config)} examples "
+                      f"per step ({config.batch_size} × {config.grad_accum} on each)")
     amp_dtype = autocast_dtype(precision)
     console.print(f"precision: {precision.name} on {device.type} ({precision.why}); adapters and optimizer state fp32")
     if device.type == "cpu" and config.compact_cpu_memory:
@@ -164,7 +180,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
 
     # Base model, the stage's data, what trains.
     stage: Stage = stage_for(config, device)  # first: a reward that does not load fails before the model does
-    model, tokenizer = load_model(config.model, device=device, quant=config.quant)
+    with main_first():  # a first-use conversion of the default model runs once
+        model, tokenizer = load_model(config.model, device=device, quant=config.quant)
     data = stage.prepare(config, tokenizer, run.root, console.print)
     console.print(data.summary)
     steps = total_steps(config, len(data.train))
@@ -172,9 +189,13 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     console.print(trainee.describe())
     optimizer = build_optimizer(trainee.parameter_groups(config), config)
     scheduler = build_scheduler(optimizer, config, steps)
+    parallel = None
+    if active():  # torchrun, even with one process (a single-GPU run of the same path)
+        parallel = wrap(LogprobsModule(model), config.distributed.strategy, trainee.trainable(), device, amp_dtype)
+        console.print(parallel.describe())
     client = TrainingClient(trainee, optimizer, scheduler, scaler=grad_scaler_for(device, amp_dtype),
                             autocast=autocast_for(device, amp_dtype), max_grad_norm=config.max_grad_norm,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, parallel=parallel)
     if (line := stage.describe()) is not None:
         console.print(line)
 
@@ -189,7 +210,7 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
         stage.load_state_tensors(stage_tensors(resume_from))
         console.print(f"resumed from {resume_from} (step {state.step})")
     client.steps = state.step
-    metrics = MetricsLog(run.metrics, run.tensorboard if config.tensorboard else None,
+    metrics = MetricsLog(run.metrics if is_main() else None, run.tensorboard if config.tensorboard else None,
                          state.step if resume_from is not None else None)
     eval_every = config.eval_every or max(1, steps // 10)
     # The same rows at every interval (comparable: best/ and patience go by them), the whole split at the end.
@@ -205,8 +226,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
         which becomes the adapter's validation figure."""
         if not sample:
             return None
-        part = stage.validate(client, sample)
-        whole = part.combined(stage.validate(client, rest)) if full and rest else part
+        part = validate_on_all_ranks(stage, client, sample)
+        whole = part.combined(validate_on_all_ranks(stage, client, rest)) if full and rest else part
         figures = stage.finish_metrics(whole.metrics)
         rows = n_validation if full else len(sample)
         metrics.log(state.step, **{f"val_{k}": v for k, v in figures.items()}, val_rows=rows,
@@ -223,7 +244,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
         """Save the adapter to best/ when it improves; True when patience has run out."""
         if state.best_val_loss is None or better(val, state.best_val_loss):
             state.best_val_loss, state.evals_without_improvement = val, 0
-            write_folder(run.best, trainee.save)  # weights and config appear together
+            if is_main():
+                write_folder(run.best, trainee.save)  # weights and config appear together
             return False
         state.evals_without_improvement += 1
         return bool(config.patience and state.evals_without_improvement >= config.patience)
@@ -232,11 +254,12 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     stopped, losses = "max_steps", []
-    per_step, n_train = config.batch_size * config.grad_accum, len(data.train)
+    per_step, n_train = examples_per_step(config), len(data.train)
     with StopRequest() as stop, Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("train", total=steps, completed=state.step, loss="-", lr="-", speed="-")
         while state.step < steps:
             tick = time.perf_counter()
+            step_seed(config.seed, state.step)
             result = train_step(client, stage.micro_batches(client, state), stage.objective)
             if result.applied:
                 if sft and state.consumed - per_step < n_train:  # this step started inside the first epoch
@@ -269,13 +292,15 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                         f"loss was NaN/inf for {state.bad_in_row} steps in a row (at step {state.step + 1}); lower "
                         f"lr, check the data, or use precision=fp32. The last complete checkpoint in "
                         f"{run.checkpoints} is intact.")
-            if stop.requested:
+            if any_rank(stop.requested):  # all ranks stop after the same step
                 stopped = "interrupted"
             if (config.save_every and result.applied and state.step % config.save_every == 0) \
                     or state.step == steps or stopped != "max_steps":
+                extra = stage.state_tensors()  # (gathered from every rank)
                 try:
-                    save_checkpoint(run.checkpoints, trainee, optimizer, scheduler, state, config.keep_checkpoints,
-                                    stage.state_tensors())
+                    if is_main():
+                        save_checkpoint(run.checkpoints, trainee, optimizer, scheduler, state, config.keep_checkpoints,
+                                        extra)
                 except OSError as error:  # a full disk, a lost mount: nothing earlier is touched
                     raise TrainingError(f"could not write the checkpoint of step {state.step} in {run.checkpoints}: "
                                         f"{error}. The checkpoints before it are intact; free space and resume=true"
@@ -291,22 +316,28 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     if information is not None and layout is not None:
         bits, source = information
         print_advice([capacity_advice(bits, layout, config.lora.r, source)], console)
-    write_folder(run.last(full), trainee.save)
+    if is_main():
+        write_folder(run.last(full), trainee.save)
     rows = metrics.rows()
     metrics.close()
-    plot_learning_curve(rows, run.learning_curve)
+    if is_main():
+        plot_learning_curve(rows, run.learning_curve)
+    # FSDP's sharded base cannot run alone: the comparison after training loads the model afresh on rank 0.
+    live = keep_model and isinstance(trainee, AdapterTrainee) and (parallel is None or parallel.strategy == "ddp")
     final_val = state.last_val_loss if state.last_val_step == state.step else None
     result = TrainResult(
         output=run.root, steps=state.step, stopped=stopped, adapter=run.last(full),
         best_adapter=run.best if state.best_val_loss is not None else None, final_val_loss=final_val,
         best_val_loss=state.best_val_loss, skipped_steps=state.skipped_steps,
         seconds=time.perf_counter() - started, dataset_bits=information[0] if information else data.train_bits,
-        losses=losses, lora=trainee.lora if keep_model and isinstance(trainee, AdapterTrainee) else None,
-        tokenizer=tokenizer if keep_model else None, stage=stage.name, val_metric=stage.metric)
+        losses=losses, lora=trainee.lora if live else None, tokenizer=tokenizer if keep_model else None,
+        stage=stage.name, val_metric=stage.metric, world_size=world_size(), rank=rank())
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()
                if k not in ("losses", "lora", "tokenizer")}
-    write_text(run.summary, json.dumps(summary, indent=1))
+    if is_main():
+        write_text(run.summary, json.dumps(summary, indent=1))
     console.print(f"done: {state.step} steps ({stopped}) in {result.seconds:.0f}s; {run.last(full).name} in "
                   f"{result.adapter}" + (f"; best on the validation sample: {stage.metric} {result.best_val_loss:.4f} "
                                          f"in {run.best}" if result.best_val_loss is not None else ""))
+    leave()  # the other ranks are done; rank 0 goes on to the comparison alone
     return result

@@ -30,6 +30,7 @@ from loraforge.demo import default_data
 from loraforge.errors import ConfigError
 from loraforge.models import DEFAULT_MODEL, is_default_model, resolve_model_path
 from loraforge.train.checkpoint import complete_checkpoints, verify_checkpoint
+from loraforge.train.stage import examples_per_step
 
 FINGERPRINT_FILE = "run.json"
 # Names whose presence means "a run lives here".
@@ -38,7 +39,9 @@ RUN_FILES = (FINGERPRINT_FILE, "config.yaml", "checkpoints", "adapter", "model",
 # after training, where it is and how it reports. Everything else changes the result, so it must match.
 RESUMABLE_KEYS = {"max_steps", "epochs", "eval_every", "val_samples", "save_every", "patience", "keep_checkpoints",
                   "max_bad_steps", "output", "resume", "overwrite", "compare", "compare_samples", "max_new_tokens",
-                  "eval_metrics", "report", "tensorboard", "device", "compact_cpu_memory"}
+                  "eval_metrics", "report", "tensorboard", "device", "compact_cpu_memory", "distributed",
+                  # how a step's examples are split into micro-batches and processes: examples_per_step must match
+                  "grad_accum"}
 
 
 def _model_identity(name: str) -> dict:
@@ -62,6 +65,9 @@ def fingerprint(config: TrainConfig) -> dict:
         "base": _model_identity(config.model),
         "data": {role: file_sha256(Path(path)) for role, path in files.items() if path is not None},
         "config": {key: value for key, value in values.items() if key not in RESUMABLE_KEYS},
+        # The step's examples over all processes: a run may resume on another number of processes (or with
+        # another grad_accum) as long as each step trains on the same examples.
+        "examples_per_step": examples_per_step(config),
     }
 
 

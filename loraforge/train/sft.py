@@ -13,11 +13,12 @@ from loraforge.atomic import write_text
 from loraforge.config import TrainConfig
 from loraforge.data import PreparedData, collate, read_conversations, example_order, prepare_data, write_jsonl
 from loraforge.demo import default_data
+from loraforge.distributed import is_main, own_block
 from loraforge.evaluate import evaluate_loss
 from loraforge.loss import perplexity
 from loraforge.objectives import CROSS_ENTROPY
 from loraforge.train.client import TrainingClient
-from loraforge.train.stage import StageData, Validation
+from loraforge.train.stage import StageData, Validation, examples_per_step
 from loraforge.train.state import TrainingState
 
 
@@ -36,7 +37,8 @@ class SftStage:
     def prepare(self, config: TrainConfig, tokenizer, run_root: Path, say: Callable[[str], None]) -> StageData:
         self.pad_id = tokenizer.pad_token_id
         data = prepare_data(config.data, tokenizer, config.max_seq_len, config.seed, default_path=default_data("sft"))
-        save_run_inputs(run_root, data)
+        if is_main():
+            save_run_inputs(run_root, data)
         report = data.report
         summary = (f"data: {report.rows_read} rows read, {report.kept} kept ({report.rows_invalid} invalid, "
                    f"{report.duplicates_dropped} duplicates, {report.empty_turns_dropped} empty turns, "
@@ -54,7 +56,8 @@ class SftStage:
         return {}
 
     def validate(self, client: TrainingClient, rows: Sequence) -> Validation:
-        result = evaluate_loss(client.model, rows, self.pad_id, self.config.batch_size, self.device, client.autocast)
+        result = evaluate_loss(client.model, rows, self.pad_id, self.config.batch_size, self.device, client.autocast,
+                               logprobs=client.logprobs)
         return Validation({"loss": result["loss"]}, result["tokens"])
 
     def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -73,12 +76,14 @@ class SftStage:
 
 def seeded_micro_batches(rows: list, config: TrainConfig, state: TrainingState, make_batch: Callable[[list], dict],
                          device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """`grad_accum` micro-batches of `batch_size` rows from the seeded endless shuffle; advances state.consumed."""
-    per_step = config.batch_size * config.grad_accum
+    """This rank's `grad_accum` micro-batches of `batch_size` rows from the seeded endless shuffle (the step's rows
+    over all ranks come next in it); advances state.consumed by the step's rows over all ranks."""
+    per_step = examples_per_step(config)
     indices = example_order(len(rows), config.seed, state.consumed, per_step)
     state.consumed += per_step
-    return [{k: v.to(device) for k, v in make_batch([rows[i] for i in indices[k0 : k0 + config.batch_size]]).items()}
-            for k0 in range(0, per_step, config.batch_size)]
+    mine = own_block(indices, config.batch_size * config.grad_accum)
+    return [{k: v.to(device) for k, v in make_batch([rows[i] for i in mine[k0 : k0 + config.batch_size]]).items()}
+            for k0 in range(0, len(mine), config.batch_size)]
 
 
 def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict | None:

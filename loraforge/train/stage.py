@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from loraforge.config import TrainConfig
+from loraforge.distributed import all_sum, rank, world_size
 from loraforge.objectives import Objective
 from loraforge.train.client import TrainingClient
 from loraforge.train.state import TrainingState
@@ -67,10 +68,27 @@ class Stage(Protocol):
     def describe(self) -> str | None: ...
 
 
+def validate_on_all_ranks(stage: Stage, client: TrainingClient, rows: Sequence) -> Validation:
+    """The stage's validation of `rows`, each rank taking every world_size-th row, combined over the ranks (one
+    process, or fewer rows than ranks: all rows here)."""
+    n = world_size()
+    if n == 1 or len(rows) < n:
+        return stage.validate(client, rows)
+    part = stage.validate(client, rows[rank()::n])
+    keys = sorted(part.metrics)
+    weight, *sums = all_sum([part.weight, *(part.metrics[k] * part.weight for k in keys)])
+    return Validation({k: s / max(weight, 1e-12) for k, s in zip(keys, sums)}, weight)
+
+
+def examples_per_step(config: TrainConfig) -> int:
+    """What one optimizer step trains on, over all ranks (conversations, pairs, GRPO prompts)."""
+    return config.batch_size * config.grad_accum * world_size()
+
+
 def total_steps(config: TrainConfig, n_train: int) -> int:
     """max_steps, else the optimizer steps of `epochs` passes over the training rows (GRPO: each rollout of
-    `batch_size × grad_accum` prompts trains grpo.iterations steps)."""
+    examples_per_step prompts trains grpo.iterations steps)."""
     if config.max_steps:
         return config.max_steps
-    passes = max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum)))
+    passes = max(1, math.ceil(config.epochs * n_train / examples_per_step(config)))
     return passes * (config.grpo.iterations if config.stage == "grpo" else 1)

@@ -2,7 +2,9 @@
 
 The loss is summed over the step (target tokens for SFT, pairs for DPO, completion tokens for GRPO) and divided by
 the step's count over all micro-batches together, so gradient accumulation gives the gradient of the same mean
-as one big batch. A NaN/inf loss changes nothing: the gradients are dropped and the step reports it.
+as one big batch. With several ranks (distributed.py) each runs its own micro-batches and the counts, sums and
+the finite check are over all ranks together, so every rank takes the same decision. A NaN/inf loss changes
+nothing: the gradients are dropped and the step reports it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from loraforge.distributed import all_sum
 from loraforge.loss import target_tokens
 from loraforge.objectives import CROSS_ENTROPY, Objective
 from loraforge.train.client import TrainingClient
@@ -31,15 +35,19 @@ class StepResult:
 
 def train_step(client: TrainingClient, micro_batches: Sequence[dict[str, torch.Tensor]],
                objective: Objective = CROSS_ENTROPY) -> StepResult:
-    count = max(sum(objective.count(b) for b in micro_batches), 1)
+    count = max(all_sum([sum(objective.count(b) for b in micro_batches)])[0], 1)
     loss_sum, stats = 0.0, Counter()
-    for batch in micro_batches:
-        result = client.forward_backward(batch, objective, scale=count)
+    for i, batch in enumerate(micro_batches):
+        with client.accumulating() if i < len(micro_batches) - 1 else nullcontext():
+            result = client.forward_backward(batch, objective, scale=count)
         loss_sum += result.loss
         stats.update(result.stats)
-    loss = loss_sum / count
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
     targets = sum(target_tokens(b) for b in micro_batches)
+    keys = sorted(stats)
+    loss_sum, tokens, targets, *values = all_sum([loss_sum, tokens, targets, *(stats[k] for k in keys)])
+    stats, tokens, targets = dict(zip(keys, values)), int(tokens), int(targets)
+    loss = loss_sum / count
     if not math.isfinite(loss):
         client.zero_grad()
         return StepResult(loss, None, tokens, targets, applied=False)
