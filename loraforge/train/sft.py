@@ -56,8 +56,10 @@ class SftStage:
         return {}
 
     def validate(self, client: TrainingClient, rows: Sequence) -> Validation:
+        # Several ranks: through the DDP / FSDP2 module (a sharded base runs only inside it).
+        wrapped = client.parallel.module if client.parallel is not None else None
         result = evaluate_loss(client.model, rows, self.pad_id, self.config.batch_size, self.device, client.autocast,
-                               logprobs=client.logprobs)
+                               logprobs=wrapped)
         return Validation({"loss": result["loss"]}, result["tokens"])
 
     def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
