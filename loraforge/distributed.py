@@ -101,6 +101,12 @@ def any_rank(flag: bool) -> bool:
     return all_sum([float(flag)])[0] > 0
 
 
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank died, hung past the timeout or dropped
+    its connection (gloo raises RuntimeErrors naming itself; NCCL and the store raise torch's DistErrors)."""
+    return active() and (isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error))
+
+
 def on_main(fn: Callable[[], str | None]) -> str | None:
     """Run `fn` on rank 0 only and give its result (a string or None) to every rank; an error on rank 0 is raised
     on every rank, with its message, instead of leaving the others waiting."""

@@ -16,6 +16,11 @@ targeting (a LoraModel on the meta model). Memory is counted per part, for full 
 
 Peak = weights + optimizer + max(activations + logits + first gradients, all gradients): backward starts with
 every activation alive (and the output head's gradient), and ends with every gradient alive.
+
+Per device with several processes (`--world-size N`, distributed.py): DDP adds one bucket copy of the trainable
+gradients; FSDP (LoRA only) keeps 1/N of the frozen weights plus, whole, what is outside the decoder layers (the
+root group: embeddings, head, final norm) and two layers (the one computing and the next, prefetched), and one flat
+buffer of the adapter's gradients. Activations are per micro-batch, the same on every device.
 FLOPs per token follow Kaplan et al. 2020 (forward = 2·N + 2·layers·seq·d_attn): full fine-tuning is 3 forwards;
 LoRA is 2 forwards plus 6 per adapter parameter, since W0 gets no weight gradient (≈ 2/3 of full).
 """
@@ -134,6 +139,7 @@ class Parameters:
     per_token: int  # weights in one token's matmuls: active experts only, the head, not the embedding lookup
     head: int  # the output head, whose gradient backward allocates first
     quantizable: int  # Linear weights but the head: what QLoRA keeps in NF4
+    outside_layers: int  # weights in no decoder layer (embeddings, head, final norm): FSDP's root group
     adapter: AdapterLayout  # what the LoRA config trains, by loraforge's own targeting
 
 
@@ -154,9 +160,10 @@ def count_parameters(config, lora_config: LoraConfig) -> Parameters:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a target that matches nothing is reported by `train`, not here
         layout = adapter_layout(LoraModel(model, counting))
+    outside = sum(p.numel() for n, p in model.named_parameters() if layer_index(n, None) is None)
     return Parameters(total=total, per_token=int(total - (0 if tied else embedding.numel()) - inactive),
                       head=head_module.weight.numel() if head_module is not None else 0, quantizable=quantizable,
-                      adapter=layout)
+                      outside_layers=outside, adapter=layout)
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -223,9 +230,12 @@ class Memory:
 
 def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, dtype: str, activation_dtype: str,
            batch_size: int, seq_len: int, target_fraction: float, checkpointing: bool,
-           frozen_dtype: str | None = None) -> Memory:
-    """Bytes of full fine-tuning ("full"), LoRA ("lora") or QLoRA ("qlora") for one micro-batch.
+           frozen_dtype: str | None = None, world_size: int = 1, strategy: str = "ddp") -> Memory:
+    """Bytes of full fine-tuning ("full"), LoRA ("lora") or QLoRA ("qlora") for one micro-batch, on each device of
+    `world_size` (strategy ddp or fsdp; fsdp trains LoRA only: the other modes are NaN).
     frozen_dtype: how LoRA stores the adapted layers' frozen weights (train's base_dtype), default `dtype`."""
+    if world_size > 1 and strategy == "fsdp" and mode != "lora":
+        return Memory(*[math.nan] * 7)
     weight_bytes = DTYPE_BYTES[dtype]
     full = mode == "full"
     trainable = params.total if full else params.adapter.trainable
@@ -254,7 +264,15 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
     materialized = 0 if full else params.adapter.materialized * weight_bytes
     activations = (checkpointed if checkpointing else plain) + materialized
     other = (plain if checkpointing else checkpointed) + materialized
-    return Memory(weights=weights, gradients=trainable * (weight_bytes if full else ADAPTER_BYTES),
+    gradients = trainable * (weight_bytes if full else ADAPTER_BYTES)
+    if world_size > 1:
+        if strategy == "fsdp":
+            adapters = trainable * ADAPTER_BYTES
+            frozen = weights - adapters
+            outside = params.outside_layers * weight_bytes
+            weights = frozen / world_size + outside + 2 * (frozen - outside) / arch.layers + adapters
+        gradients *= 2  # DDP's bucket copy of the gradients / FSDP's flat all-reduce buffer of the adapter's
+    return Memory(weights=weights, gradients=gradients,
                   optimizer=trainable * ADAMW_STATE_BYTES, activations=activations, activations_other=other,
                   logits=LOGIT_BUFFERS * logit_rows * arch.vocab * 4,
                   first_gradients=params.head * weight_bytes if full else 0)
@@ -280,15 +298,19 @@ class Estimate:
     seq_len: int
     target_fraction: float
     checkpointing: bool
-    memory: dict[str, Memory]
+    memory: dict[str, Memory]  # per device
     flops_per_token: dict[str, float]
+    world_size: int = 1
+    strategy: str = "ddp"
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
+        """Over all devices."""
+        return self.batch_size * self.grad_accum * self.seq_len * self.world_size
 
     def seconds_per_step(self, mode: str, tflops: float) -> float:
-        return self.tokens_per_step * self.flops_per_token[mode] / (tflops * 1e12)
+        """Each device computes its share at `tflops` (communication not counted)."""
+        return self.tokens_per_step / self.world_size * self.flops_per_token[mode] / (tflops * 1e12)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -299,9 +321,10 @@ class Estimate:
 
 
 def estimate(model: str, config: TrainConfig, dtype: str | None = None, target_fraction: float = 1.0,
-             model_config=None) -> Estimate:
-    """Parameters, memory and FLOPs of `config` (batch_size, max_seq_len, lora, gradient_checkpointing, precision)
-    on `model`. dtype: the base weights' dtype (default: the model's own)."""
+             model_config=None, world_size: int = 1) -> Estimate:
+    """Parameters, memory and FLOPs of `config` (batch_size, max_seq_len, lora, gradient_checkpointing, precision,
+    distributed.strategy) on `model`, memory per device of `world_size`. dtype: the base weights' dtype (default:
+    the model's own)."""
     if not 0 < target_fraction <= 1:
         raise ConfigError("target fraction must be in (0, 1]: the share of tokens that carry loss")
     model_config = model_config or load_model_config(model)
@@ -313,12 +336,14 @@ def estimate(model: str, config: TrainConfig, dtype: str | None = None, target_f
     frozen_dtype = activation_dtype if config.base_dtype == "auto" else config.base_dtype
     shape = dict(batch_size=config.batch_size, seq_len=config.max_seq_len, target_fraction=target_fraction,
                  checkpointing=config.gradient_checkpointing)
+    strategy = config.distributed.strategy
     return Estimate(
         model=model, architecture=arch, parameters=params, dtype=dtype, activation_dtype=activation_dtype,
         grad_accum=config.grad_accum, **shape,
         memory={mode: memory(arch, params, mode, config.lora, dtype, activation_dtype, frozen_dtype=frozen_dtype,
-                             **shape) for mode in MODES},
-        flops_per_token={mode: flops_per_token(arch, params, mode, config.max_seq_len) for mode in MODES})
+                             world_size=world_size, strategy=strategy, **shape) for mode in MODES},
+        flops_per_token={mode: flops_per_token(arch, params, mode, config.max_seq_len) for mode in MODES},
+        world_size=world_size, strategy=strategy)
 
 
 # -- calibration: two real steps on this machine ---------------------------------------------------
@@ -465,6 +490,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=int, help="training tokens per epoch (default: counted on data= when given)")
     parser.add_argument("--calibrate", action="store_true",
                         help="run two real steps here (random weights) and print predicted vs measured")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="devices training together (torchrun's processes): memory per device with "
+                             "distributed.strategy=ddp or fsdp, steps over all of them")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(run=_run)
 
@@ -477,10 +505,12 @@ def _run(args: argparse.Namespace) -> None:
     # The token and information figures are SFT's; DPO and GRPO count one bit per pair / episode (said at train time).
     data = _data_figures(args.model, config) if config.data.path and config.stage == "sft" else None
     fraction = args.target_fraction or (data["target_tokens"] / data["tokens"] if data else 1.0)
-    est = estimate(args.model, config, args.dtype, fraction, model_config)
+    if args.world_size < 1:
+        raise ConfigError("--world-size: at least 1 device")
+    est = estimate(args.model, config, args.dtype, fraction, model_config, args.world_size)
     tokens = args.tokens or (data["tokens"] if data else None)
-    steps = config.max_steps or (math.ceil(config.epochs * data["examples"] / (config.batch_size * config.grad_accum))
-                                 if data else None)
+    per_step = config.batch_size * config.grad_accum * args.world_size
+    steps = config.max_steps or (math.ceil(config.epochs * data["examples"] / per_step) if data else None)
     layout = None if config.finetune == "full" else est.parameters.adapter
     advice = training_advice(config, model_config, layout, steps, data["bits"] if data else None)
     calibration = calibrate(est, model_config, config) if args.calibrate else []
@@ -525,7 +555,7 @@ def _data_figures(model: str, config: TrainConfig) -> dict:
 
 
 def _gb(value: float) -> str:
-    return f"{value / 1e9:,.2f}"
+    return "—" if math.isnan(value) else f"{value / 1e9:,.2f}"
 
 
 def _duration(seconds: float) -> str:
@@ -548,7 +578,10 @@ def _print_estimate(est: Estimate, console, rates: dict[str, float], tokens: int
                   f"tokens ({est.target_fraction:.0%} with loss); weights {est.dtype}, activations "
                   f"{est.activation_dtype}; gradient checkpointing {'on' if est.checkpointing else 'off'}",
                   highlight=False)
-    table = Table(title="memory (GB)")
+    if est.world_size > 1:
+        console.print(f"{est.world_size} devices ({est.strategy}), a micro-batch of {est.batch_size} on each"
+                      + ("; full and QLoRA do not run under fsdp" if est.strategy == "fsdp" else ""), highlight=False)
+    table = Table(title="memory (GB)" + (" per device" if est.world_size > 1 else ""))
     table.add_column("")
     for column in ("full", "LoRA", "QLoRA (NF4)"):
         table.add_column(column, justify="right")
@@ -567,8 +600,9 @@ def _print_estimate(est: Estimate, console, rates: dict[str, float], tokens: int
         compute.add_row(f"step ({est.tokens_per_step:,} tokens) at {name}",
                         *(_duration(est.seconds_per_step(m, tflops)) for m in ("full", "lora")))
         if tokens:
-            compute.add_row(f"epoch ({tokens:,} tokens) at {name}",
-                            *(_duration(tokens * est.flops_per_token[m] / (tflops * 1e12)) for m in ("full", "lora")))
+            compute.add_row(f"epoch ({tokens:,} tokens) at {name}" + (" each" if est.world_size > 1 else ""),
+                            *(_duration(tokens * est.flops_per_token[m] / (tflops * 1e12 * est.world_size))
+                              for m in ("full", "lora")))
     console.print(compute)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,9 @@ def test_two_processes_train_what_one_process_trains(tiny_model_dir, data, one_p
     assert steps == list(range(1, STEPS + 1))
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
     assert done.stdout.count("done:") == 1  # only rank 0 talks
+    if "distributed.strategy=fsdp" in extra:  # the frozen base is split between the two ranks
+        held, whole = map(float, re.search(r"this rank holds ([\d.]+) MB of the ([\d.]+) MB", done.stdout).groups())
+        assert 0.4 * whole <= held <= 0.6 * whole
 
 
 def _children(pid: int) -> dict[int, int]:
@@ -250,3 +254,24 @@ def test_preference_and_rl_stages_train_on_two_processes_as_on_one(tiny_model_di
     shutil.rmtree(last)
     train(load_train_config(None, [*overrides, f"output={two}", "grad_accum=2", "resume=true"]))
     assert _losses(two)[10] == pytest.approx(b[10], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_instead_of_hanging_the_job(tiny_model_dir, data, tmp_path):
+    """SIGSTOP one rank (alive, silent): the other's next collective gives up after distributed.timeout_s and says
+    why; torchrun then takes the stopped rank down. No hang, the checkpoints as they were."""
+    overrides = _overrides(tiny_model_dir, data, tmp_path, "max_steps=100000", "save_every=1", "eval_every=100000",
+                           "distributed.timeout_s=10")
+    job = subprocess.Popen(_torchrun_command(2, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=_env())
+    deadline = time.monotonic() + 180
+    while not complete_checkpoints(tmp_path / "checkpoints"):
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(_children(job.pid)[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    output, _ = job.communicate(timeout=150)
+    assert job.returncode != 0
+    assert time.monotonic() - stopped < 10 + 60  # the timeout, then torchrun's grace period before SIGKILL
+    assert "[rank 0] error: rank 0: the other ranks stopped answering" in output, output[-3000:]
+    assert verify_checkpoint(complete_checkpoints(tmp_path / "checkpoints")[-1]) is None

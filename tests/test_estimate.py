@@ -100,6 +100,30 @@ def test_memory_parts_by_hand_for_llama3_8b():
         assert mem.activations / 32 < mem.activations_other < mem.activations
 
 
+def test_memory_per_device_with_several_processes_for_llama3_8b():
+    """FSDP keeps 1/N of the frozen weights, the root group (embeddings, head, final norm) and two layers whole;
+    DDP every weight. Both keep one more copy of the trainable gradients for the all-reduce."""
+    single = estimate("llama-3-8b", _config("lora.r=16", "max_seq_len=512"), dtype="bf16")
+    one = single.memory["lora"]
+    ddp = estimate("llama-3-8b", _config("lora.r=16", "max_seq_len=512"), dtype="bf16", world_size=8)
+    fsdp = estimate("llama-3-8b", _config("lora.r=16", "max_seq_len=512", "distributed.strategy=fsdp"), dtype="bf16",
+                    world_size=8)
+    adapter = one.gradients  # fp32 adapter bytes: as many as its gradients
+    frozen = one.weights - adapter
+    outside = 2 * 128256 * 4096 * 2 + 2 * 4096  # untied embedding and head, final norm: bf16
+    assert fsdp.parameters.outside_layers * 2 == outside
+    lora = fsdp.memory["lora"]
+    assert lora.weights == pytest.approx(frozen / 8 + outside + 2 * (frozen - outside) / 32 + adapter)
+    assert lora.weights < one.weights / 3
+    assert ddp.memory["lora"].weights == one.weights
+    assert ddp.memory["lora"].gradients == lora.gradients == 2 * one.gradients
+    assert lora.activations == one.activations  # a micro-batch per device, as on one
+    assert math.isnan(fsdp.memory["full"].peak) and math.isnan(fsdp.memory["qlora"].peak)  # refused under fsdp
+    # A step covers every device's micro-batches, each device computing its own share.
+    assert ddp.tokens_per_step == 8 * single.tokens_per_step
+    assert ddp.seconds_per_step("lora", 100) == pytest.approx(single.seconds_per_step("lora", 100))
+
+
 def test_lora_flops_are_about_two_thirds_of_full():
     est = estimate("llama-3-8b", _config("lora.r=16", "max_seq_len=2048"))
     per_token = 8_030_261_248 - 128256 * 4096  # the embedding lookup is no matmul

@@ -30,8 +30,8 @@ from loraforge.advise import (adapter_layout, capacity_advice, nats_to_bits, pri
 from loraforge.atomic import write_folder, write_text
 from loraforge.config import TrainConfig
 from loraforge.console import make_console
-from loraforge.distributed import (active, any_rank, is_main, join, leave, main_first, on_main, rank, step_seed,
-                                   world_size, wrap)
+from loraforge.distributed import (active, any_rank, is_main, join, leave, lost_peer, main_first, on_main, rank,
+                                   step_seed, world_size, wrap)
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
                                 grad_scaler_for, resolve_precision)
@@ -260,7 +260,16 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
         while state.step < steps:
             tick = time.perf_counter()
             step_seed(config.seed, state.step)
-            result = train_step(client, stage.micro_batches(client, state), stage.objective)
+            try:
+                result = train_step(client, stage.micro_batches(client, state), stage.objective)
+            except RuntimeError as error:
+                if not lost_peer(error):
+                    raise
+                raise TrainingError(
+                    f"rank {rank()}: the other ranks stopped answering at step {state.step + 1} (a rank died, or hung "
+                    f"longer than distributed.timeout_s={config.distributed.timeout_s:g}): "
+                    f"{str(error).strip().splitlines()[0]}. The last complete checkpoint in {run.checkpoints} is "
+                    "intact; continue with resume=true") from error
             if result.applied:
                 if sft and state.consumed - per_step < n_train:  # this step started inside the first epoch
                     state.first_epoch_nats += result.loss * result.targets
