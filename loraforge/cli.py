@@ -10,6 +10,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from rich.console import Console
+
 from loraforge.console import make_console, quiet_libraries
 from loraforge.errors import LoraforgeError
 
@@ -30,7 +32,8 @@ INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 def _train(args: argparse.Namespace) -> int | None:
     from loraforge.config import config_to_yaml, load_train_config
 
-    console = make_console()
+    # Under torchrun the other ranks keep quiet: rank 0 speaks for the job.
+    console = make_console() if os.environ.get("RANK", "0") == "0" else Console(quiet=True)
     config_file = args.config
     using_demo = config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides)
     stage = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("stage=")), "sft")

@@ -97,8 +97,9 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("extra", [("distributed.strategy=ddp",), ("distributed.strategy=fsdp",),
-                                   ("distributed.strategy=ddp", "quant=nf4")], ids=["ddp", "fsdp", "ddp-qlora"])
+@pytest.mark.parametrize("extra", [
+    ("distributed.strategy=ddp",), ("distributed.strategy=fsdp",), ("distributed.strategy=ddp", "quant=nf4"),
+    ("distributed.strategy=fsdp", "gradient_checkpointing=true")], ids=["ddp", "fsdp", "ddp-qlora", "fsdp-checkpointing"])
 def test_two_processes_train_what_one_process_trains(tiny_model_dir, data, one_process, tmp_path, extra):
     reference = one_process(*(e for e in extra if not e.startswith("distributed")))
     done = torchrun(2, _overrides(tiny_model_dir, data, tmp_path, "grad_accum=1", *extra))
