@@ -276,3 +276,21 @@ def test_a_hung_rank_times_out_instead_of_hanging_the_job(tiny_model_dir, data, 
     assert time.monotonic() - stopped < 10 + 60  # the timeout, then torchrun's grace period before SIGKILL
     assert "[rank 0] error: rank 0: the other ranks stopped answering" in output, output[-3000:]
     assert verify_checkpoint(complete_checkpoints(tmp_path / "checkpoints")[-1]) is None
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_the_step_every_rank_finished(tiny_model_dir, data, tmp_path):
+    overrides = _overrides(tiny_model_dir, data, tmp_path, "max_steps=100000", "eval_every=100000")
+    job = subprocess.Popen(_torchrun_command(2, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=_env())
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "metrics.jsonl").is_file() or len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 5:
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=90)
+    assert job.returncode != 0
+    (checkpoint,) = complete_checkpoints(tmp_path / "checkpoints")
+    assert verify_checkpoint(checkpoint) is None
+    logged = max(_losses(tmp_path))
+    assert checkpoint.name == f"step-{logged:07d}", output[-2000:]  # the last step trained is the one saved
