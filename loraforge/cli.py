@@ -378,11 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="run folder of `loraforge train`")
     report.set_defaults(run=_report)
 
-    from loraforge import compare, estimate, serve  # each registers its own subcommands
+    from loraforge import compare, estimate, export, serve  # each registers its own subcommands
 
     serve.add_parser(commands)
     estimate.add_parser(commands)
     compare.add_parser(commands)
+    export.add_parser(commands)
     return parser
 
 

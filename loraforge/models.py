@@ -63,7 +63,7 @@ def default_model_dir() -> Path:
     if _is_complete(final):
         return final
 
-    gguf = _find_gguf()
+    gguf = default_gguf()
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=_tmp_prefix()))
@@ -140,7 +140,8 @@ def _tmp_prefix() -> str:
     return f".{DEFAULT_MODEL}.tmp-"
 
 
-def _find_gguf() -> Path:
+def default_gguf() -> Path:
+    """The embedded default model's GGUF file (what it is converted from; what llama.cpp and Ollama load)."""
     # find_spec, not import: the package's __init__ imports `llm`, which --no-deps leaves out.
     spec = find_spec(GGUF_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []

@@ -76,7 +76,7 @@ def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
 
 def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_find_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "default_gguf", lambda: tmp_path / "fake.gguf")
 
     def crash(gguf: Path, out: Path) -> None:
         (out / "config.json").write_text("{}")  # half-written
@@ -95,7 +95,7 @@ def _fake_conversion(gguf: Path, out: Path) -> None:
 
 def test_conversion_replaces_unmarked_leftover(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_find_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "default_gguf", lambda: tmp_path / "fake.gguf")
     monkeypatch.setattr(models, "_convert", _fake_conversion)
     leftover = tmp_path / DEFAULT_MODEL
     leftover.mkdir()
