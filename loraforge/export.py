@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from loraforge.errors import AdapterError, ConfigError
+from loraforge.lora.model import DEFAULT_ADAPTER
 
 # vLLM's LoRAConfig.max_lora_rank accepts these values only.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -375,8 +376,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if all(f.convertible for f in findings) else 1
 
 
+def _load(args: argparse.Namespace):
+    """The base (--model, else the adapter's base_model_name_or_path) with the adapter on it, and the tokenizer."""
+    from loraforge.lora import LoraModel
+    from loraforge.lora.files import read_adapter_files
+    from loraforge.models import load_model
+
+    model, tokenizer = load_model(args.model or read_adapter_files(Path(args.adapter))[0].base_model_name_or_path)
+    return LoraModel.from_pretrained(model, args.adapter), tokenizer
+
+
 def _export(args: argparse.Namespace) -> None:
-    from loraforge.cli import _load_for_inference
     from loraforge.console import make_console
 
     console = make_console()
@@ -386,7 +396,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.merged:
         if kind not in ("gguf", "safetensors"):
             raise ConfigError("--merged: --format gguf or safetensors")
-        lora, tokenizer = _load_for_inference(args.model, [f"export={args.adapter}"])
+        lora, tokenizer = _load(args)
         model, output = lora.merge_and_unload(), Path(args.output)
         if kind == "safetensors":
             model.save_pretrained(output)
@@ -401,15 +411,15 @@ def _export(args: argparse.Namespace) -> None:
     for finding in check_adapter(Path(args.adapter), "vllm" if kind == "vllm" else "llamacpp"):
         if not finding.convertible:
             raise AdapterError(f"{finding.what}: {finding.reason}. {finding.fix}")
-    lora, tokenizer = _load_for_inference(args.model, [f"export={args.adapter}"])
-    layers = plain_lora(lora, "export", args.rank)
+    lora, tokenizer = _load(args)
+    layers = plain_lora(lora, DEFAULT_ADAPTER, args.rank)
     converted = {k: v.error for k, v in layers.items() if v.error is not None}
     if converted:
         worst = max(converted, key=converted.get)
         console.print(f"converted {len(converted)} layers to plain LoRA by truncated SVD: relative error of ΔW "
                       f"mean {sum(converted.values()) / len(converted):.2e}, worst {converted[worst]:.2e} ({worst})",
                       markup=False)
-    base_name = lora.configs["export"].base_model_name_or_path
+    base_name = lora.configs[DEFAULT_ADAPTER].base_model_name_or_path
     output = Path(args.output)
     if kind == "vllm":
         rank = write_vllm_adapter(layers, output, base_name)
