@@ -36,15 +36,21 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def answers(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm")
-    model, tokenizer = load_model("default")
-    lora = LoraModel(model)
     folders = {}
     for index, (name, options) in enumerate(CASES.items()):
-        lora.add_adapter(name, LoraConfig(targets="all-linear", **options))
-        perturb(lora, name, std=0.02, seed=index)
+        model, tokenizer = load_model("default")  # one method per model: LoHa cannot share LoRA's modules
+        trained = LoraModel(model, LoraConfig(targets="all-linear", **options))
+        # LoHa's update is a product of four factors: at LoRA's 0.02 it would be too small to change an answer.
+        perturb(trained, "default", std=0.2 if name == "loha" else 0.02, seed=index)
         # LoHa's rank-4 update has rank ≤ 16: a rank-16 plain LoRA holds it exactly.
-        write_vllm_adapter(plain_lora(lora, name, 16 if name == "loha" else None), work / name, None)
+        write_vllm_adapter(plain_lora(trained, "default", 16 if name == "loha" else None), work / name, None)
         folders[name] = str(work / name)
+        del model, trained
+    # Ours: loraforge's engine on the very files vLLM reads.
+    model, tokenizer = load_model("default")
+    lora = LoraModel(model)
+    for name, folder in folders.items():
+        lora.load_adapter(folder, name)
     texts = [render(tokenizer, [{"role": "user", "content": p}], generation_prompt=True) for p in PROMPTS]
     job = {"base": str(resolve_model_path("default")), "prompts": texts, "adapters": folders,
            "max_tokens": MAX_TOKENS, "max_lora_rank": 16}

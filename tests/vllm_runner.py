@@ -7,10 +7,12 @@ JOB: {"base": folder, "prompts": [chat prompt strings, already templated], "adap
 """
 
 import json
+import os
 import sys
 
 
 def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: a few short prompts need no more
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
