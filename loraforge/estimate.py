@@ -34,7 +34,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -235,7 +235,7 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
     `world_size` (strategy ddp or fsdp; fsdp trains LoRA only: the other modes are NaN).
     frozen_dtype: how LoRA stores the adapted layers' frozen weights (train's base_dtype), default `dtype`."""
     if world_size > 1 and strategy == "fsdp" and mode != "lora":
-        return Memory(*[math.nan] * 7)
+        return Memory(**{part.name: math.nan for part in fields(Memory)})
     weight_bytes = DTYPE_BYTES[dtype]
     full = mode == "full"
     trainable = params.total if full else params.adapter.trainable

@@ -189,12 +189,20 @@ class GgufLayout:
         return tensor
 
 
-def _write_and_close(writer, tmp: Path, output: Path) -> Path:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(output)  # written aside, renamed into place when complete
+def _write_gguf(layout: GgufLayout, output: Path, fill) -> Path:
+    """A GGUF file at `output`, written aside and renamed into place when complete (atomic.write_file): `fill`
+    adds the keys and tensors to the writer."""
+    from loraforge.atomic import write_file
+
+    def write(path: Path) -> None:
+        writer = layout.writer(path)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write_file(output, write)
     return output
 
 
@@ -223,21 +231,21 @@ def write_gguf_adapter(layers: dict[str, PlainLayer], model_config, output: Path
         raise ConfigError(f"--dtype: one of {', '.join(GGUF_DTYPES)}")
     layout = GgufLayout.of(model_config)
     alpha = float(max(layer.a.shape[0] for layer in layers.values()))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    writer = layout.writer(tmp)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    if base_name:
-        writer.add_name(f"{base_name} LoRA adapter")
-    for module_name, layer in sorted(layers.items()):
-        gguf_name = layout.name(module_name.removeprefix("base_model.model.") + ".weight")
-        b = layout.rows(gguf_name, layer.b * (layer.a.shape[0] / alpha))
-        for suffix, tensor in (("lora_a", layer.a), ("lora_b", b)):
-            data, raw = _gguf_array(tensor, dtype)
-            writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw)
-    return _write_and_close(writer, tmp, output)
+
+    def fill(writer) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        if base_name:
+            writer.add_name(f"{base_name} LoRA adapter")
+        for module_name, layer in sorted(layers.items()):
+            gguf_name = layout.name(module_name.removeprefix("base_model.model.") + ".weight")
+            b = layout.rows(gguf_name, layer.b * (layer.a.shape[0] / alpha))
+            for suffix, tensor in (("lora_a", layer.a), ("lora_b", b)):
+                data, raw = _gguf_array(tensor, dtype)
+                writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw)
+
+    return _write_gguf(layout, output, fill)
 
 
 def write_gguf_model(model, tokenizer, output: Path, dtype: str = "f16") -> Path:
@@ -250,40 +258,41 @@ def write_gguf_model(model, tokenizer, output: Path, dtype: str = "f16") -> Path
 
     config = model.config
     layout = GgufLayout.of(config)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    writer = layout.writer(tmp)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(getattr(config, "_name_or_path", "") or "loraforge merged model")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(layout.heads)
-    writer.add_head_count_kv(layout.kv_heads)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // layout.heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
-                                    (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        vocab = gguf.vocab.BpeVocab(Path(folder))
-        tokens, _, types = zip(*vocab.all_tokens())
-        writer.add_tokenizer_model(vocab.tokenizer_model)
-        writer.add_token_list(list(tokens))
-        writer.add_token_types(list(types))
-        gguf.vocab.SpecialVocab(Path(folder), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    tied = getattr(config, "tie_word_embeddings", False)
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the tied head from token_embd
-        gguf_name = layout.name(hf_name)
-        tensor = layout.rows(gguf_name, tensor.detach().float())
-        # Norms and biases stay f32 (as llama.cpp's converter keeps 1-D tensors).
-        data, raw = _gguf_array(tensor, dtype if tensor.dim() > 1 else "f32")
-        writer.add_tensor(gguf_name, data, raw_dtype=raw)
-    return _write_and_close(writer, tmp, output)
+
+    def fill(writer) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(getattr(config, "_name_or_path", "") or "loraforge merged model")
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(layout.heads)
+        writer.add_head_count_kv(layout.kv_heads)
+        writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // layout.heads)
+        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
+                                        (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            vocab = gguf.vocab.BpeVocab(Path(folder))
+            tokens, _, types = zip(*vocab.all_tokens())
+            writer.add_tokenizer_model(vocab.tokenizer_model)
+            writer.add_token_list(list(tokens))
+            writer.add_token_types(list(types))
+            gguf.vocab.SpecialVocab(Path(folder), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer,
+                                                                                                   quiet=True)
+        tied = getattr(config, "tie_word_embeddings", False)
+        for hf_name, tensor in model.state_dict().items():
+            if tied and hf_name == "lm_head.weight":
+                continue  # llama.cpp reads the tied head from token_embd
+            gguf_name = layout.name(hf_name)
+            tensor = layout.rows(gguf_name, tensor.detach().float())
+            # Norms and biases stay f32 (as llama.cpp's converter keeps 1-D tensors).
+            data, raw = _gguf_array(tensor, dtype if tensor.dim() > 1 else "f32")
+            writer.add_tensor(gguf_name, data, raw_dtype=raw)
+
+    return _write_gguf(layout, output, fill)
 
 
 # ChatML as Ollama's Go template (the embedded default and Qwen use ChatML).
