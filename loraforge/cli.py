@@ -32,8 +32,7 @@ INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 def _train(args: argparse.Namespace) -> int | None:
     from loraforge.config import config_to_yaml, load_train_config
 
-    # Under torchrun the other ranks keep quiet: rank 0 speaks for the job.
-    console = make_console() if os.environ.get("RANK", "0") == "0" else Console(quiet=True)
+    console = make_console() if not _torchrun_rank() else Console(quiet=True)  # rank 0 speaks for the job
     config_file = args.config
     using_demo = config_file is None and not any(o.split("=", 1)[0] in ("data", "data.path") for o in args.overrides)
     stage = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("stage=")), "sft")
@@ -387,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torchrun_rank() -> int | None:
+    """This process's rank when torchrun started several (its environment; known before the process group is
+    joined, and without importing torch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:
@@ -394,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     if not args.debug:
         quiet_libraries()
-    # Under torchrun every rank's error is printed, each saying whose it is.
-    who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    rank = _torchrun_rank()
+    who = f"[rank {rank}] " if rank is not None else ""  # under torchrun every rank's error says whose it is
     try:
         code = args.run(args)
     except LoraforgeError as exc:
