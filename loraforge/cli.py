@@ -73,6 +73,10 @@ def _train(args: argparse.Namespace) -> int | None:
             console.print("[yellow]no test split: skipping the base vs tuned comparison[/]")
         else:
             _write_json(config.output / "evaluation.json", {"split": "test", "stage": config.stage, **evaluation})
+            if "base_from_cache" in evaluation:
+                console.print(f"the base model's side (loss and answers) is an earlier run's, kept for the same base, "
+                              f"test prompts and settings in {evaluation['base_from_cache']} (compare_cache=false "
+                              "computes it afresh)", markup=False)
             _print_evaluation(evaluation, console)
     if config.report:
         from loraforge.report import write_report

@@ -328,6 +328,9 @@ class TrainConfig(Section):
                             "moved aside to output.old-TIMESTAMP, never deleted.")
     compare: bool = Field(True, description="After training, answer held-out test prompts with base and tuned model.")
     compare_samples: int = Field(100, ge=0, description="Test prompts answered by base and tuned model.")
+    compare_cache: bool = Field(True, description="Keep the base model's side of the comparison (its test loss and "
+                                "answers) in the cache ($LORAFORGE_CACHE/comparisons) and reuse it in later runs with "
+                                "the same base model files, test prompts and settings.")
     max_new_tokens: int = Field(64, ge=1, description="Answer length cap for the comparison.")
     eval_metrics: list[str] | str = Field(
         "auto", description="Answer metrics of the comparison: 'auto', or a list of exact_match, token_f1, rouge1, "

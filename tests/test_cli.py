@@ -75,6 +75,32 @@ def test_the_comparison_after_training_reuses_the_trained_model(tiny_model_dir, 
         assert written["models"]["base"]["loss"] == pytest.approx(expected["models"]["base"]["loss"], rel=1e-5)
 
 
+def test_a_second_run_on_the_same_base_and_test_prompts_reuses_the_base_side(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "orders.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:30]))
+    common = [f"model={tiny_model_dir}", f"data={data}", "max_steps=2", "batch_size=4", "lora.r=4",
+              "compare_samples=3", "max_new_tokens=4", "tensorboard=false", "report=false", "max_seq_len=128"]
+    evaluations = {}
+    for name, extra in (("first", []), ("other_lr", ["lr=5e-3"]), ("fresh", ["compare_cache=false"])):
+        capsys.readouterr()
+        assert main(["train", *common, f"output={tmp_path / name}", *extra]) == 0
+        evaluations[name] = json.loads((tmp_path / name / "evaluation.json").read_text())
+        evaluations[name]["printed"] = "earlier run's" in capsys.readouterr().out
+    assert "base_from_cache" not in evaluations["first"] and not evaluations["first"]["printed"]
+    assert evaluations["other_lr"]["base_from_cache"].startswith(str(tmp_path / "cache" / "comparisons"))
+    assert evaluations["other_lr"]["printed"]
+    assert "base_from_cache" not in evaluations["fresh"] and not evaluations["fresh"]["printed"]
+    base = {name: e["models"]["base"] for name, e in evaluations.items()}
+    assert base["other_lr"] == base["first"]
+    assert base["fresh"] == pytest.approx(base["first"], rel=1e-5)  # computed again: the same figures
+    assert evaluations["other_lr"]["models"]["tuned"] != evaluations["first"]["models"]["tuned"]
+    for name in ("other_lr", "fresh"):
+        assert [s["answers"]["base"] for s in evaluations[name]["samples"]] == \
+            [s["answers"]["base"] for s in evaluations["first"]["samples"]]
+
+
 def test_chat_one_shot_answer_equals_library_greedy_answer(trained_run, tiny_model_dir, capsys):
     assert main(["chat", "--adapter", f"mine={trained_run / 'adapter'}", "--prompt", "hello",
                  "--max-new-tokens", "5"]) == 0

@@ -132,3 +132,73 @@ def test_the_comparison_computes_in_the_precision_it_is_given(tiny):
                            autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     base32, base16 = fp32["models"]["base"]["loss"], bf16["models"]["base"]["loss"]
     assert base16 != base32 and base16 == pytest.approx(base32, rel=0.05)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
+def test_kv_bytes_per_token_is_what_a_forward_adds_to_the_cache(arch):
+    from transformers import DynamicCache
+
+    from conftest import make_inputs, make_model
+    from loraforge.evaluate import kv_bytes_per_token
+    from loraforge.serve.batch import cache_keyword
+
+    model = make_model(arch)
+    ids = make_inputs(arch, batch=1)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
+    cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_bytes_per_token(model) * ids.shape[1] == cached
+
+
+def test_decode_rows_widen_the_batch_only_where_the_cache_fits():
+    from conftest import make_model
+    from loraforge.evaluate import DECODE_KV_BYTES, DECODE_ROWS, decode_rows, kv_bytes_per_token
+
+    model = make_model("llama")
+    per_token = kv_bytes_per_token(model)
+    assert decode_rows(model, 100, batch_size=8) == DECODE_ROWS  # a tiny cache: the wide batch
+    too_long = DECODE_KV_BYTES // per_token // 4  # only 4 such rows fit
+    assert decode_rows(model, too_long, batch_size=8) == 8  # the caller's batch is never lowered
+    assert decode_rows(model, too_long, batch_size=2) == 4
+    assert decode_rows(model, 10**9, batch_size=0) == 1
+
+
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_the_base_side_comes_from_the_cache_when_nothing_it_depends_on_changed(tiny, tmp_path, monkeypatch, with_loss):
+    from loraforge import evaluate
+
+    lora, tokenizer = tiny
+    lora.add_adapter("noisy", LoraConfig(r=4, targets="all-linear"))
+    perturb(lora, "noisy", std=1.0)
+    conversations = [Conversation(p + [{"role": "assistant", "content": "send 3 mugs"}], f"t:{i}")
+                     for i, p in enumerate(_prompts())]
+    computed = []  # the adapters whose answers were computed (None: the base)
+    for name in ("score_and_answer", "generate_answers"):
+        def spy(lora_, *args, _real=getattr(evaluate, name), _scoring=name == "score_and_answer", **kwargs):
+            computed.append(args[2] if _scoring else (list(lora_.active_adapters) or [None])[0])
+            return _real(lora_, *args, **kwargs)
+        monkeypatch.setattr(evaluate, name, spy)
+    cache = evaluate.BaseSideCache(tmp_path / "cache", {"model": "tiny"})
+
+    def run(max_new_tokens=4, rows=conversations, base_cache=cache):
+        computed.clear()
+        return evaluate_models(lora, tokenizer, rows, ["noisy"], ["exact_match", "token_f1"], max_new_tokens=max_new_tokens,
+                               batch_size=4, max_seq_len=64, with_loss=with_loss, base_cache=base_cache)
+
+    first = run()
+    assert None in computed and "base_from_cache" not in first
+    second = run()
+    assert None not in computed and computed  # the adapter is still computed, the base is not
+    assert second.pop("base_from_cache").startswith(str(tmp_path / "cache"))
+    assert second == first
+    # Anything the base side depends on makes it computed again: the generation length, the rows, the identity.
+    assert "base_from_cache" not in run(max_new_tokens=3) and None in computed
+    assert "base_from_cache" not in run(rows=conversations[:-1]) and None in computed
+    other = evaluate.BaseSideCache(tmp_path / "cache", {"model": "another"})
+    assert "base_from_cache" not in run(base_cache=other) and None in computed
+    # An unreadable or foreign file is recomputed (and replaced), never trusted.
+    for path in (tmp_path / "cache").iterdir():
+        path.write_text('{"key": {}, "base": {"model": {}, "answers": []}}')
+    assert run() == first and None in computed
+    assert "base_from_cache" in run()

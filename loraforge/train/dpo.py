@@ -30,7 +30,7 @@ from loraforge.loss import token_logprobs
 from loraforge.objectives import CROSS_ENTROPY, dpo, row_sums, sequence_logprobs
 from loraforge.train.client import TrainingClient
 from loraforge.train.sft import seeded_micro_batches
-from loraforge.train.stage import StageData, Validation, examples_per_step, total_steps
+from loraforge.train.stage import StageData, Validation, base_side_cache, examples_per_step, total_steps
 from loraforge.train.state import TrainingState
 
 
@@ -217,7 +217,7 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     conversations = [Conversation(t.pair.prompt + t.pair.chosen, t.pair.source) for t in tokenized]
     evaluation = evaluate_models(lora, tokenizer, conversations, ["tuned"], config.eval_metrics, len(conversations),
                                  config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len,
-                                 autocast=autocast)
+                                 autocast=autocast, base_cache=base_side_cache(config))
     device = next(lora.parameters()).device
     was_training = lora.training
     lora.eval()

@@ -18,7 +18,7 @@ from loraforge.evaluate import evaluate_loss
 from loraforge.loss import perplexity
 from loraforge.objectives import CROSS_ENTROPY
 from loraforge.train.client import TrainingClient
-from loraforge.train.stage import StageData, Validation, examples_per_step
+from loraforge.train.stage import StageData, Validation, base_side_cache, examples_per_step
 from loraforge.train.state import TrainingState
 
 
@@ -96,4 +96,5 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     if not test:
         return None
     return evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
-                           config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len, autocast=autocast)
+                           config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len, autocast=autocast,
+                           base_cache=base_side_cache(config))

@@ -92,3 +92,25 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
         return config.max_steps
     passes = max(1, math.ceil(config.epochs * n_train / examples_per_step(config)))
     return passes * (config.grpo.iterations if config.stage == "grpo" else 1)
+
+
+def base_side_cache(config: TrainConfig):
+    """Where the comparison keeps the base model's side between runs (compare_cache), with what that side depends
+    on: the base's files (names, sizes, modification times), how it is stored and computed, and the versions."""
+    import transformers
+
+    from loraforge import __version__
+    from loraforge.evaluate import BaseSideCache
+    from loraforge.hardware import resolve_precision
+    from loraforge.models import cache_dir, resolve_model_path
+
+    if not config.compare_cache:
+        return None
+    folder = resolve_model_path(config.model)
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+    device, precision = resolve_precision(config)
+    identity = {"model": str(folder.resolve()), "files": files, "quant": config.quant, "base_dtype": config.base_dtype,
+                "precision": precision.name, "device": device.type,
+                "versions": {"loraforge": __version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__}}
+    return BaseSideCache(cache_dir() / "comparisons", identity)
