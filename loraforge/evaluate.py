@@ -82,6 +82,9 @@ class PartialAnswer:
     tokens: list[int]
     budget: int
     done: bool
+    # The KV cache of prompt_ids + tokens[:-1] from the scoring pass (keys, values per layer), so that decoding
+    # the rest starts without a prefill; None where the engine cannot take it.
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @torch.no_grad()
@@ -92,10 +95,19 @@ def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Se
     forward pass: the argmax at each reference position says how far greedy decoding would follow the
     reference (speculative decoding with the reference as the draft). A model that learned the task writes its
     whole answer there; only the rest is decoded (finish_answers), from where it leaves the reference."""
+    from transformers import DynamicCache
+
     from loraforge.data import tokenize
+    from loraforge.errors import LoraforgeError
+    from loraforge.serve.batch import cache_keyword, check_full_attention
     from loraforge.serve.engine import end_of_answer_ids
 
     eos = end_of_answer_ids(lora.model, tokenizer)
+    try:  # keep each diverging row's KV cache for finish_answers where its engine can take it
+        check_full_attention(lora.model.config)
+        keyword = cache_keyword(lora.model)
+    except LoraforgeError:
+        keyword = None
     rows = []
     for conversation in conversations:
         example = tokenize(tokenizer, conversation.messages, max_seq_len)
@@ -119,15 +131,20 @@ def score_and_answer(lora, tokenizer: PreTrainedTokenizerBase, conversations: Se
                 chunk = order[begin : begin + batch_size]
                 batch = {k: v.to(device) for k, v in
                          collate([rows[i][0] for i in chunk], tokenizer.pad_token_id).items()}
+                cache = {keyword: DynamicCache(config=lora.model.config)} if keyword else None
                 with autocast():
-                    loss_sum, n, predictions = loss_and_predictions(lora.model, batch)
+                    loss_sum, n, predictions = loss_and_predictions(lora.model, batch, cache)
                 total, count = total + loss_sum, count + n
                 per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).tolist()
-                for i, row_predictions in zip(chunk, torch.split(predictions, per_row)):
+                for row, (i, row_predictions) in enumerate(zip(chunk, torch.split(predictions, per_row))):
                     example, prompt, reference = rows[i]
                     # The reference run is the row's last labelled run: its predictions are the last ones.
                     greedy = row_predictions.tolist()[len(row_predictions) - len(reference):] if reference else []
-                    answers[i] = _follow(prompt, reference, greedy, max_new_tokens, eos)
+                    answers[i] = answer = _follow(prompt, reference, greedy, max_new_tokens, eos)
+                    cached = len(prompt) + len(answer.tokens) - 1  # right padding: a row's tokens come first
+                    if cache and not answer.done and answer.tokens and cached > 0:
+                        answer.cache = [(layer.keys[row, :, :cached].clone(), layer.values[row, :, :cached].clone())
+                                        for layer in cache[keyword].layers]
     finally:
         lora.train(was_training)
     loss = total / max(count, 1)
@@ -163,8 +180,10 @@ def finish_answers(lora, tokenizer: PreTrainedTokenizerBase, answers: dict[str |
         except LoraforgeError:  # a cache the engine cannot batch (sliding windows): one row at a time
             engine = None
         if engine is not None:
-            generations = [Generation(a.prompt_ids + a.tokens, adapter, SamplingParams(a.budget), index=i)
-                           for i, (adapter, a) in enumerate(open_rows)]
+            generations = [Generation(a.prompt_ids + a.tokens, adapter, SamplingParams(a.budget), index=i,
+                                      prefilled=a.cache) for i, (adapter, a) in enumerate(open_rows)]
+            for _, answer in open_rows:
+                answer.cache = None  # the engine holds it now, and lets go of it when the row is decoded
             with autocast():
                 events = engine.run(generations)
             for (adapter, answer), event in zip(open_rows, events):

@@ -86,11 +86,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 @torch.no_grad()
-def loss_and_predictions(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor]:
+def loss_and_predictions(model: nn.Module, batch: dict[str, torch.Tensor], cache: dict | None = None
+                         ) -> tuple[float, int, torch.Tensor]:
     """(summed cross-entropy over target tokens, their count, the greedy (argmax) next token at each target
     position, flattened row by row): scoring a reference and checking whether greedy decoding would write it,
-    in one pass."""
-    outputs, labels, head = _at_targets(model, batch)
+    in one pass. `cache`: {keyword: an empty KV cache}, which the pass fills (to continue decoding from it)."""
+    outputs, labels, head = _at_targets(model, batch, cache)
     rows = max(1, SCORING_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
     total, predictions = 0.0, []
     for start in range(0, outputs.shape[0], rows):
@@ -101,7 +102,8 @@ def loss_and_predictions(model: nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return total, int(labels.numel()), torch.cat(predictions) if predictions else labels.new_zeros(0)
 
 
-def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
+def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor], cache: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
     """(what the head reads at each target position — or the logits there, for models that post-process them —,
     the labels, the head or None)."""
     labels = batch["labels"][:, 1:]
@@ -120,7 +122,8 @@ def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    return run(**inputs, use_cache=False)[:, :-1][targets], labels[targets], head
+    caching = dict(use_cache=True, **cache) if cache else dict(use_cache=False)
+    return run(**inputs, **caching)[:, :-1][targets], labels[targets], head
 
 
 def _backbone_hidden(model: nn.Module):

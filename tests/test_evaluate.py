@@ -202,3 +202,23 @@ def test_the_base_side_comes_from_the_cache_when_nothing_it_depends_on_changed(t
         path.write_text('{"key": {}, "base": {"model": {}, "answers": []}}')
     assert run() == first and None in computed
     assert "base_from_cache" in run()
+
+
+def test_the_scoring_pass_hands_diverging_rows_their_kv_cache(tiny):
+    from loraforge.evaluate import score_and_answer
+
+    lora, tokenizer = tiny
+    conversations = [Conversation(p + [{"role": "assistant", "content": "send the parcel to Oslo by Friday"}], f"t:{i}")
+                     for i, p in enumerate(_prompts())]
+    _, answers = score_and_answer(lora, tokenizer, conversations, None, max_new_tokens=8, batch_size=4, max_seq_len=64)
+    open_rows = [a for a in answers if not a.done]
+    assert open_rows  # a random model leaves this reference
+    layers = lora.model.config.num_hidden_layers
+    for answer in answers:
+        if answer.done:
+            assert answer.cache is None
+            continue
+        assert len(answer.cache) == layers
+        for keys, values in answer.cache:  # (KV heads, the prompt and the answer so far but its last token, head)
+            assert keys.shape[1] == values.shape[1] == len(answer.prompt_ids) + len(answer.tokens) - 1
+            assert keys._base is None  # a copy: the batch's whole cache is not kept alive

@@ -174,3 +174,33 @@ def test_decoding_hands_the_kv_cache_over_without_a_deprecated_keyword(server, r
         server.engine.submit([generation])
         _run_until_done(server.engine, [generation])
     assert _final(events).text == offline_answer(reference, *plan)
+
+
+def test_rows_that_bring_their_kv_cache_skip_the_prefill_and_answer_as_offline(server, reference):  # noqa: F811
+    """The comparison hands its scoring pass's cache to the engine: such a row joins without a forward pass, its
+    last prompt token is its first decode input, and it decodes beside freshly prefilled rows."""
+    import torch
+    from transformers import DynamicCache
+
+    from loraforge.serve.batch import cache_keyword
+
+    engine = server.engine
+    plan = [("skill-0", chat_prompt(9, 5), 6, True), (None, chat_prompt(3, 6), 6, True),
+            ("skill-3", chat_prompt(14, 7), 6, False)]
+    generations, events = [], [[] for _ in plan]
+    for (adapter, messages, max_tokens, prefilled), row_events in zip(plan, events):
+        generation = _generation(server, adapter, messages, max_tokens, row_events)
+        if prefilled:
+            cache = DynamicCache(config=engine.lora.model.config)
+            with torch.no_grad(), engine.lora.using(generation.adapter):
+                engine.lora.model(input_ids=torch.tensor([generation.prompt_ids[:-1]]), use_cache=True,
+                                  **{cache_keyword(engine.lora.model): cache})
+            generation.prefilled = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        generations.append(generation)
+    engine.submit(generations)
+    engine.step()
+    assert engine.stats.prefills == 1  # only the fresh row was prefilled
+    assert all(g.prefilled is None for g in generations)
+    _run_until_done(engine, generations)
+    for (adapter, messages, max_tokens, _), row_events in zip(plan, events):
+        assert _final(row_events).text == offline_answer(reference, adapter, messages, max_tokens)

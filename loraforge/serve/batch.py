@@ -79,9 +79,9 @@ class RunningBatch:
             return
         length = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
-            mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
-        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, dim=1)])
+            mine.keys = torch.cat([pad_left(mine.keys, length), pad_left(theirs.keys, length)])
+            mine.values = torch.cat([pad_left(mine.values, length), pad_left(theirs.values, length)])
+        self.mask = torch.cat([pad_left(self.mask, length, dim=1), pad_left(mask, length, dim=1)])
         self.positions = torch.cat([self.positions, positions])
         self.rows.extend(rows)
 
@@ -111,7 +111,8 @@ class RunningBatch:
         return inputs
 
 
-def _pad_left(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+def pad_left(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    """Zeros before `tensor` along `dim` up to `length` (the cache's sequence axis by default)."""
     missing = length - tensor.shape[dim]
     if not missing:
         return tensor

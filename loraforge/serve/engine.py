@@ -28,7 +28,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel
-from loraforge.serve.batch import RunningBatch, cache_keyword, check_full_attention, left_padded, positions_of
+from loraforge.serve.batch import (RunningBatch, cache_keyword, check_full_attention, left_padded, pad_left,
+                                   positions_of)
 from loraforge.serve.text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class Generation:
     done: bool = False
     text: TextStream | None = None
     generator: torch.Generator | None = None
+    # Keys and values per layer, (KV heads, len(prompt_ids) - 1, head size) each: the KV cache of every prompt
+    # token but the last, computed elsewhere (the comparison's scoring pass). The row then joins without a
+    # prefill, and its last prompt token is the input of its first decode step.
+    prefilled: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the scheduler between steps
@@ -218,8 +223,11 @@ class Engine:
         with self._wakeup:
             admitted = self._admit()
         try:
-            if admitted:
-                self._prefill(admitted)
+            fresh = [g for g in admitted if g.prefilled is None]
+            if fresh:
+                self._prefill(fresh)
+            if len(fresh) < len(admitted):
+                self._join_prefilled([g for g in admitted if g.prefilled is not None])
             self._drop_done()
             if self._batch:
                 self._decode()
@@ -269,9 +277,26 @@ class Engine:
         self._batch.join(generations, cache, mask)
         self._accept(generations, tokens)
 
+    def _join_prefilled(self, generations: list[Generation]) -> None:
+        """Rows that bring their own KV cache: left-padded to one length and joined, no forward pass."""
+        lengths = [g.prefilled[0][0].shape[1] for g in generations]
+        longest = max(lengths)
+        cache = DynamicCache(config=self.lora.model.config)
+        for layer in range(len(generations[0].prefilled)):
+            keys, values = (torch.stack([pad_left(g.prefilled[layer][part], longest, dim=1) for g in generations])
+                            for part in (0, 1))
+            cache.update(keys, values, layer)
+        mask = torch.zeros((len(generations), longest), dtype=torch.long, device=self.device)
+        for i, length in enumerate(lengths):
+            mask[i, longest - length :] = 1
+        for generation in generations:
+            generation.prefilled = None  # the batch's cache holds it now
+        self._batch.join(generations, cache, mask)
+
     def _decode(self) -> None:
         rows = self._batch.rows
-        inputs = self._batch.decode_inputs([g.tokens[-1] for g in rows])
+        # A row's latest token: its last generated one, or for a prefilled row its last prompt token.
+        inputs = self._batch.decode_inputs([(g.tokens or g.prompt_ids)[-1] for g in rows])
         with self.model_lock:
             out = self.lora(**inputs, adapter_names=[g.adapter for g in rows])
         self.stats.record(rows, prefill=False)
