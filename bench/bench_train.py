@@ -10,7 +10,10 @@ start (imports included) to its exit and the peak memory is the process's larges
 --runs are reported:
 
 - `loraforge train` — the default job: the demo's settings with --steps, validation, capacity advice, the
-  base-vs-tuned comparison on held-out prompts and the report included;
+  base-vs-tuned comparison on held-out prompts and the report included, as on a user's first run (the base
+  model's side of the comparison computed: `compare_cache=false`);
+- the same default job run again, as on a user's second run with another setting: the base's side of the
+  comparison comes from the cache (warmed once, untimed, before the rounds);
 - `loraforge train`, training only: no validation split, no comparison, no report, no TensorBoard;
 - PEFT+TRL with TRL's defaults (`SFTConfig`: bf16 and gradient checkpointing on, even on CPU): bare
   `trainer.train()` + save — what the job costs a TRL user before any evaluation;
@@ -78,11 +81,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def loraforge_command(args, output: str, training_only: bool) -> list[str]:
-    """The demo job (demo.yaml: lr 1e-3, cosine, 5 warmup steps, r=16, alpha=32, all-linear) at --steps."""
+def loraforge_command(args, output: str, training_only: bool = False, base_side: str = "computed",
+                      steps: int | None = None) -> list[str]:
+    """The demo job (demo.yaml: lr 1e-3, cosine, 5 warmup steps, r=16, alpha=32, all-linear) at --steps;
+    base_side "computed" turns the comparison's cache off (a first run), "cached" leaves it on."""
     command = [str(Path(sys.executable).with_name("loraforge")), "train", f"model={args.model}",
-               f"output={output}", f"max_steps={args.steps}", f"batch_size={args.batch}", f"device={args.device}",
-               "overwrite=true"]
+               f"output={output}", f"max_steps={steps or args.steps}", f"batch_size={args.batch}",
+               f"device={args.device}", "overwrite=true"]
+    if base_side == "computed" and not training_only:
+        command.append("compare_cache=false")
     if training_only:  # the same 960 training rows; no validation split, no comparison, no report
         command += ["data.split=[0.8,0.0,0.2]", "compare=false", "report=false", "tensorboard=false"]
     return command + args.ours
@@ -231,10 +238,12 @@ def timed(command: list[str]) -> dict:
     if result["exit"]:
         tail = "\n".join(line["line"] for line in result["lines"][-30:])
         raise SystemExit(f"failed ({result['exit']}): {' '.join(command)}\n{tail}")
-    return {"wall_s": result["wall_s"], "peak_mb": result["peak_rss_mb"]}
+    # The printed lines with their time and resident set: the phases of a default job, in the --json file.
+    return {"wall_s": result["wall_s"], "peak_mb": result["peak_rss_mb"], "lines": result["lines"]}
 
 
-ROWS = (("loraforge", "`loraforge train` (default job: validation, advice, comparison, report)"),
+ROWS = (("loraforge", "`loraforge train` (default job: validation, advice, comparison, report), first run"),
+        ("loraforge_again", "`loraforge train` (default job), run again: the base's side from the cache"),
         ("loraforge_train", "`loraforge train`, training only"),
         ("peft_trl_defaults", "PEFT+TRL bare train + save, TRL defaults (bf16, gradient checkpointing)"),
         ("peft_trl_matched", "PEFT+TRL bare train + save, matched (fp32, no checkpointing)"))
@@ -280,10 +289,13 @@ def main() -> None:
         chosen = [key for key, _ in ROWS if key in args.rows.split(",")]
         results: dict[str, list[dict]] = {key: [] for key in chosen}
         outputs = {key: str(Path(scratch.name) / key) for key in chosen}
-        commands = {"loraforge": lambda: loraforge_command(args, outputs["loraforge"], training_only=False),
+        commands = {"loraforge": lambda: loraforge_command(args, outputs["loraforge"]),
+                    "loraforge_again": lambda: loraforge_command(args, outputs["loraforge_again"], base_side="cached"),
                     "loraforge_train": lambda: loraforge_command(args, outputs["loraforge_train"], training_only=True),
                     "peft_trl_defaults": lambda: peft_trl_command(args, outputs["peft_trl_defaults"], defaults=True),
                     "peft_trl_matched": lambda: peft_trl_command(args, outputs["peft_trl_matched"], defaults=False)}
+        if "loraforge_again" in chosen:  # the base side depends on the base and the test rows, not the steps
+            timed(loraforge_command(args, outputs["loraforge_again"], base_side="cached", steps=1))
         for run in range(args.runs):  # alternating: every round runs each row once
             for key in chosen:
                 results[key].append(timed(commands[key]()))

@@ -306,11 +306,13 @@ class TrainConfig(Section):
         False, description="Pack several short conversations into one row (padding-free; attention never "
         "crosses conversations)."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute layer activations in backward: less memory, ~30% more compute."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute layer activations in backward: less memory, ~30% more compute. 'auto': on "
+        "when the estimated step would not fit in this device's free memory without it."
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', …")
-    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default: 10 evals).")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default: 10 evals, "
+                                   "fewer where a 16-row sample would cost over 10% of an interval's training).")
     val_samples: int | None = Field(
         None, ge=1, description="Validation rows evaluated at each interval, the same rows every time (default: as "
         "many as cost ≤ 10% of the interval's training compute, at least 16); the full split is evaluated once, "

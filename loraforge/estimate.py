@@ -335,7 +335,7 @@ def estimate(model: str, config: TrainConfig, dtype: str | None = None, target_f
     # train's base_dtype: auto stores adapted weights in the autocast dtype (hardware.frozen_storage_dtype)
     frozen_dtype = activation_dtype if config.base_dtype == "auto" else config.base_dtype
     shape = dict(batch_size=config.batch_size, seq_len=config.max_seq_len, target_fraction=target_fraction,
-                 checkpointing=config.gradient_checkpointing)
+                 checkpointing=config.gradient_checkpointing is True)  # auto: estimated without (it may not turn on)
     strategy = config.distributed.strategy
     return Estimate(
         model=model, architecture=arch, parameters=params, dtype=dtype, activation_dtype=activation_dtype,
@@ -346,6 +346,34 @@ def estimate(model: str, config: TrainConfig, dtype: str | None = None, target_f
         world_size=world_size, strategy=strategy)
 
 
+# -- gradient_checkpointing=auto --------------------------------------------------------------------
+FIT_FRACTION = 0.8  # of the free memory a step may plan on: allocator slack, the rest of the process, other users
+
+
+def free_memory(device: torch.device) -> float:
+    """Bytes still free for this process on `device`: the GPU's free memory, else the host's available RAM."""
+    import psutil
+
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+
+
+def checkpointing_needed(config: TrainConfig, model_config, free: float, precision: str = "fp32", sharing: int = 1,
+                         world_size: int = 1) -> tuple[bool, str]:
+    """(whether gradient checkpointing must turn on, why): on when a training step's estimated memory beyond the
+    weights, without checkpointing, exceeds FIT_FRACTION of `free` (measured with the model already loaded),
+    which `sharing` processes of one host divide; `precision` is the resolved autocast one. A micro-batch holds batch_size rows (DPO: chosen and rejected,
+    twice as many; GRPO: group_size completions per prompt); every token is counted as a target (the upper bound)."""
+    rows = config.batch_size * {"dpo": 2, "grpo": config.grpo.group_size}.get(config.stage, 1)
+    mode = "full" if config.finetune == "full" else "qlora" if config.quant == "nf4" else "lora"
+    shaped = config.model_copy(update={"batch_size": rows, "gradient_checkpointing": False, "precision": precision})
+    mem = estimate("model", shaped, dtype="fp32", model_config=model_config, world_size=world_size).memory[mode]
+    without, budget = mem.peak - mem.weights, FIT_FRACTION * free / sharing
+    needed = without > budget
+    return needed, (f"a step needs ~{without / 1e9:.2f} GB beyond the weights without it, "
+                    f"{'over' if needed else 'within'} {budget / 1e9:.2f} GB ({FIT_FRACTION:.0%} of the free "
+                    f"memory{f' shared by {sharing} processes' if sharing > 1 else ''})")
+
+
 # -- calibration: two real steps on this machine ---------------------------------------------------
 def calibrate(est: Estimate, model_config, config: TrainConfig, modes: tuple[str, ...] = ("lora", "full"),
               seed: int = 0) -> list[dict]:
@@ -353,13 +381,11 @@ def calibrate(est: Estimate, model_config, config: TrainConfig, modes: tuple[str
     two training steps per mode on a random batch of the estimated shape. Returns predicted vs measured peak
     memory (above what the process held before) and step time; the step time is predicted from the FLOPs and
     the rate this machine reaches on a forward pass of the same batch."""
-    import psutil
-
     from loraforge.hardware import autocast_dtype, resolve_precision
 
     device, precision = resolve_precision(config)
     amp_dtype = autocast_dtype(precision)
-    available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available)
+    available = free_memory(device)
     if device.type == "cpu":
         track_freed_memory()
     needed = max(est.memory[mode].peak for mode in modes)
@@ -532,6 +558,9 @@ def _run(args: argparse.Namespace) -> None:
     elif config.data.path is None:
         console.print("[dim]give data=FILE (with a model folder or 'default') for tokens per epoch and the capacity "
                       "check[/]")
+    if config.gradient_checkpointing == "auto":
+        console.print(f"[dim]gradient_checkpointing=auto: estimated off; training turns it on where a step's memory "
+                      f"beyond the weights would exceed {FIT_FRACTION:.0%} of its device's free memory[/]")
     print_advice(advice, console)
     if calibration:
         _print_calibration(calibration, console)

@@ -106,6 +106,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether some layer of `model` recomputes its activations in backward (the flag transformers sets on each
+    checkpointed layer, whichever name its enable method has)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,

@@ -100,6 +100,27 @@ def test_memory_parts_by_hand_for_llama3_8b():
         assert mem.activations / 32 < mem.activations_other < mem.activations
 
 
+def test_auto_checkpointing_turns_on_exactly_when_the_step_would_not_fit():
+    from loraforge.estimate import FIT_FRACTION, checkpointing_needed, load_model_config
+
+    model_config = load_model_config("smollm2-135m")
+    sft = _config("batch_size=8", "max_seq_len=512")
+    mem = estimate("smollm2-135m", sft, dtype="fp32", model_config=model_config).memory["lora"]
+    beyond_weights = mem.peak - mem.weights
+    fits = beyond_weights / FIT_FRACTION * 1.01
+    assert checkpointing_needed(sft, model_config, fits)[0] is False
+    assert checkpointing_needed(sft, model_config, beyond_weights / FIT_FRACTION * 0.99)[0] is True
+    assert checkpointing_needed(sft, model_config, 2 * fits, sharing=2)[0] is False
+    assert checkpointing_needed(sft, model_config, 2 * fits, sharing=3)[0] is True
+    # Under bf16 autocast the activations take half the bytes: the same memory fits a bigger step.
+    assert checkpointing_needed(_config("batch_size=12", "max_seq_len=512"), model_config, fits)[0] is True
+    assert checkpointing_needed(_config("batch_size=12", "max_seq_len=512"), model_config, fits, "bf16")[0] is False
+    # DPO's micro-batch holds chosen and rejected: twice the rows, so the same memory no longer fits.
+    assert checkpointing_needed(_config("batch_size=8", "max_seq_len=512", "stage=dpo"), model_config, fits)[0]
+    needed, why = checkpointing_needed(sft, model_config, fits)
+    assert f"~{beyond_weights / 1e9:.2f} GB beyond the weights" in why and "within" in why
+
+
 def test_memory_per_device_with_several_processes_for_llama3_8b():
     """FSDP keeps 1/N of the frozen weights, the root group (embeddings, head, final norm) and two layers whole;
     DDP every weight. Both keep one more copy of the trainable gradients for the all-reduce."""

@@ -216,6 +216,20 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, small_da
     assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-5)
 
 
+@pytest.mark.parametrize("free_bytes, on", [(1e3, True), (1e15, False)])
+def test_auto_checkpointing_follows_the_devices_free_memory(tiny_model_dir, small_data, tmp_path, monkeypatch,
+                                                            free_bytes, on):
+    from rich.console import Console
+
+    from loraforge.models import gradient_checkpointing_on
+
+    monkeypatch.setattr(loop_module, "free_memory", lambda device: free_bytes)
+    console = Console(record=True, width=300)
+    result = train(_config(tiny_model_dir, small_data, tmp_path, "max_steps=2"), console, keep_model=True)
+    assert gradient_checkpointing_on(result.lora.model) is on
+    assert f"gradient checkpointing {'on' if on else 'off'} (auto: a step needs" in console.export_text()
+
+
 def test_validation_uses_a_fixed_sample_at_intervals_and_the_whole_split_at_the_end(tiny_model_dir, small_data,
                                                                                       tmp_path):
     from rich.console import Console
@@ -244,3 +258,12 @@ def test_the_default_validation_sample_costs_a_tenth_of_the_interval_training():
     assert loop_module.validation_sample_size(config, 20, 50) == 50
     assert loop_module.validation_sample_size(TrainConfig(val_samples=7), 20, 50) == 7
     assert loop_module.evenly_spaced(list(range(10)), 3) == ([0, 3, 7], [1, 2, 4, 5, 6, 8, 9])
+    # Ten intervals, unless the smallest sample (16 rows) would cost more than 10% of an interval's training:
+    # 16 rows ≤ 0.3 × interval × rows per step, i.e. an interval of at least 7 steps at 8 rows, 27 at 2.
+    assert loop_module.default_eval_every(TrainConfig(batch_size=8), 1000) == 100
+    assert loop_module.default_eval_every(TrainConfig(batch_size=8), 20) == 7
+    assert loop_module.default_eval_every(TrainConfig(batch_size=2), 100) == 27
+    for batch_size in (1, 2, 8, 64):
+        config = TrainConfig(batch_size=batch_size)
+        every = loop_module.default_eval_every(config, 20)
+        assert loop_module.validation_sample_size(config, every, 10_000) <= 3 * 0.10 * every * batch_size + 0.5

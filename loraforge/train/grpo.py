@@ -38,6 +38,7 @@ from loraforge.data import (IGNORE_INDEX, DataReport, Messages, checked_rows, cl
 from loraforge.distributed import all_gather, all_sum, is_main, own_block, rank, world_size
 from loraforge.errors import ConfigError, DataError, TrainingError
 from loraforge.loss import target_mask
+from loraforge.models import gradient_checkpointing_on
 from loraforge.objectives import CROSS_ENTROPY, group_advantages, policy_gradient
 from loraforge.serve.batch import left_padded
 from loraforge.serve.engine import SamplingParams
@@ -266,7 +267,7 @@ class GrpoStage:
                   for i, (prompt, group) in enumerate(zip(prompts, groups)) for k, c in enumerate(group)]
         rows, pad = config.batch_size * options.group_size, self.tokenizer.pad_token_id
         batches = [batch_of(datums[start : start + rows], pad, self.device) for start in range(0, len(datums), rows)]
-        if not config.gradient_checkpointing:  # (which turns the KV cache off in training)
+        if not gradient_checkpointing_on(client.trainee.lora.model):  # (it turns the KV cache off in training)
             completions = [list(c.token_ids) for group in groups for c in group]
             batches = [{**batch, **shared_prompt_inputs(
                 [p.prompt_ids for p in prompts[k * config.batch_size : (k + 1) * config.batch_size]],

@@ -13,6 +13,8 @@ optimizer step, no I/O), checkpoint.py (crash-safe checkpoints), state.py (the t
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import signal
 import time
@@ -33,6 +35,7 @@ from loraforge.console import make_console
 from loraforge.distributed import (active, any_rank, is_main, join, leave, lost_peer, main_first, on_main, rank,
                                    step_seed, world_size, wrap)
 from loraforge.errors import ConfigError, TrainingError
+from loraforge.estimate import checkpointing_needed, free_memory
 from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
                                 grad_scaler_for, resolve_precision)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
@@ -100,6 +103,13 @@ VALIDATION_SHARE = 0.10
 MIN_VALIDATION_ROWS = 16
 
 
+def default_eval_every(config: TrainConfig, steps: int) -> int:
+    """Ten validations a run, but intervals no shorter than one whose smallest sample (MIN_VALIDATION_ROWS) still
+    costs at most VALIDATION_SHARE of its training (short runs and small batches validate less often)."""
+    shortest = math.ceil(MIN_VALIDATION_ROWS / (3 * VALIDATION_SHARE * examples_per_step(config)))
+    return max(1, steps // 10, shortest)
+
+
 def validation_sample_size(config: TrainConfig, eval_every: int, n_validation: int) -> int:
     if config.val_samples:
         return min(config.val_samples, n_validation)
@@ -111,6 +121,20 @@ def evenly_spaced(items: list, k: int) -> tuple[list, list]:
     """(k items spread evenly over the list, the others), both in list order."""
     chosen = {round(i * len(items) / k) for i in range(k)} if k else set()
     return ([x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen])
+
+
+def resolve_checkpointing(config: TrainConfig, model_config, device: torch.device, precision: str,
+                          say: Callable[[str], None]) -> TrainConfig:
+    """gradient_checkpointing=auto decided on this device, the base loaded: the config with true or false. Every
+    rank takes the same decision (on where one rank needs it); the processes of one host share its RAM."""
+    if config.gradient_checkpointing != "auto":
+        return config
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    needed, why = checkpointing_needed(config, model_config, free_memory(device), precision, sharing,
+                                       world_size())
+    on = any_rank(needed) if active() else needed
+    say(f"gradient checkpointing {'on' if on else 'off'} (auto: {why})")
+    return config.model_copy(update={"gradient_checkpointing": on})
 
 
 def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
@@ -185,6 +209,7 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     data = stage.prepare(config, tokenizer, run.root, console.print)
     console.print(data.summary)
     steps = total_steps(config, len(data.train))
+    config = resolve_checkpointing(config, model.config, device, precision.name, console.print)
     trainee = build_trainee(config, model, tokenizer, steps, amp_dtype, console.print)
     console.print(trainee.describe())
     optimizer = build_optimizer(trainee.parameter_groups(config), config)
@@ -212,7 +237,7 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     client.steps = state.step
     metrics = MetricsLog(run.metrics if is_main() else None, run.tensorboard if config.tensorboard else None,
                          state.step if resume_from is not None else None)
-    eval_every = config.eval_every or max(1, steps // 10)
+    eval_every = config.eval_every or default_eval_every(config, steps)
     # The same rows at every interval (comparable: best/ and patience go by them), the whole split at the end.
     n_validation = len(data.validation)
     sample, rest = evenly_spaced(data.validation, validation_sample_size(config, eval_every, n_validation))
