@@ -357,12 +357,13 @@ def free_memory(device: torch.device) -> float:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
-def checkpointing_needed(config: TrainConfig, model_config, free: float, precision: str = "fp32", sharing: int = 1,
-                         world_size: int = 1) -> tuple[bool, str]:
+def checkpointing_needed(config: TrainConfig, model_config, free: float, precision: str = "fp32",
+                         sharing: int = 1, world_size: int = 1) -> tuple[bool, str]:
     """(whether gradient checkpointing must turn on, why): on when a training step's estimated memory beyond the
     weights, without checkpointing, exceeds FIT_FRACTION of `free` (measured with the model already loaded),
-    which `sharing` processes of one host divide; `precision` is the resolved autocast one. A micro-batch holds batch_size rows (DPO: chosen and rejected,
-    twice as many; GRPO: group_size completions per prompt); every token is counted as a target (the upper bound)."""
+    which `sharing` processes of one host divide; `precision` is the resolved autocast one. A micro-batch holds
+    batch_size rows (DPO: chosen and rejected, twice as many; GRPO: group_size completions per prompt); every
+    token is counted as a target (the upper bound)."""
     rows = config.batch_size * {"dpo": 2, "grpo": config.grpo.group_size}.get(config.stage, 1)
     mode = "full" if config.finetune == "full" else "qlora" if config.quant == "nf4" else "lora"
     shaped = config.model_copy(update={"batch_size": rows, "gradient_checkpointing": False, "precision": precision})

@@ -24,12 +24,17 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
     """(ids, attention mask), both (len(rows), longest), each row right-aligned."""
     length = max(len(row) for row in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
             ids[i, length - len(row) :] = torch.tensor(row)
-            mask[i, length - len(row) :] = 1
-    return ids.to(device), mask.to(device)
+    return ids.to(device), left_padding_mask([len(row) for row in rows], device)
+
+
+def left_padding_mask(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The attention mask (len(lengths), longest) of right-aligned rows of these lengths: 1 on each row's last
+    `length` positions."""
+    longest = max(lengths)
+    return (torch.arange(longest) >= longest - torch.tensor(lengths)[:, None]).long().to(device)
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:

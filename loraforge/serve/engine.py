@@ -28,8 +28,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel
-from loraforge.serve.batch import (RunningBatch, cache_keyword, check_full_attention, left_padded, pad_left,
-                                   positions_of)
+from loraforge.serve.batch import (RunningBatch, cache_keyword, check_full_attention, left_padded,
+                                   left_padding_mask, pad_left, positions_of)
 from loraforge.serve.text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -286,12 +286,9 @@ class Engine:
             keys, values = (torch.stack([pad_left(g.prefilled[layer][part], longest, dim=1) for g in generations])
                             for part in (0, 1))
             cache.update(keys, values, layer)
-        mask = torch.zeros((len(generations), longest), dtype=torch.long, device=self.device)
-        for i, length in enumerate(lengths):
-            mask[i, longest - length :] = 1
         for generation in generations:
             generation.prefilled = None  # the batch's cache holds it now
-        self._batch.join(generations, cache, mask)
+        self._batch.join(generations, cache, left_padding_mask(lengths, self.device))
 
     def _decode(self) -> None:
         rows = self._batch.rows

@@ -132,7 +132,7 @@ def resolve_checkpointing(config: TrainConfig, model_config, device: torch.devic
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
     needed, why = checkpointing_needed(config, model_config, free_memory(device), precision, sharing,
                                        world_size())
-    on = any_rank(needed) if active() else needed
+    on = any_rank(needed)
     say(f"gradient checkpointing {'on' if on else 'off'} (auto: {why})")
     return config.model_copy(update={"gradient_checkpointing": on})
 

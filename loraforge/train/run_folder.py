@@ -38,8 +38,9 @@ RUN_FILES = (FINGERPRINT_FILE, "config.yaml", "checkpoints", "adapter", "model",
 # Keys that may change when a run resumes: how long it runs, how often it evaluates and saves, what happens
 # after training, where it is and how it reports. Everything else changes the result, so it must match.
 RESUMABLE_KEYS = {"max_steps", "epochs", "eval_every", "val_samples", "save_every", "patience", "keep_checkpoints",
-                  "max_bad_steps", "output", "resume", "overwrite", "compare", "compare_samples", "compare_cache", "max_new_tokens",
-                  "eval_metrics", "report", "tensorboard", "device", "compact_cpu_memory", "distributed",
+                  "max_bad_steps", "output", "resume", "overwrite", "compare", "compare_samples", "compare_cache",
+                  "max_new_tokens", "eval_metrics", "report", "tensorboard", "device", "compact_cpu_memory",
+                  "distributed",
                   # how a step's examples are split into micro-batches and processes: examples_per_step must match
                   "grad_accum"}
 
