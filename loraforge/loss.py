@@ -37,6 +37,12 @@ LOGITS_CHUNK_ELEMENTS = 2**26
 SCORING_CHUNK_ELEMENTS = 2**23
 
 
+# Rows that all begin with the same tokens (a chat template's system prompt, a shared instruction) compute those
+# once, their KV cache broadcast to every row: worth the extra forward call from this share of the batch's positions.
+MIN_SHARED_PREFIX_SHARE = 1 / 16
+MIN_SHARED_PREFIX = 4
+
+
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, T-1] True where a label is predicted (the positions token_logprobs returns, row by row)."""
     return batch["labels"][:, 1:] != IGNORE_INDEX
@@ -116,6 +122,9 @@ def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor], cache: dict | 
         if shared_labels.numel() != int(targets.sum()):
             raise ValueError("with shared prompts, every completion token must be a target and nothing else")
         return outputs, shared_labels, head
+    prefix = _prefix_to_share(model, batch)
+    if prefix:
+        return _shared_prefix_forward(model, run, batch, prefix, cache)[:, :-1][targets], labels[targets], head
     # `inputs_embeds` instead of ids lets a caller differentiate with respect to the input activations.
     inputs = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
@@ -129,6 +138,75 @@ def _at_targets(model: nn.Module, batch: dict[str, torch.Tensor], cache: dict | 
 def _backbone_hidden(model: nn.Module):
     backbone = getattr(model, model.base_model_prefix)
     return lambda **inputs: backbone(**inputs).last_hidden_state
+
+
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """How many leading tokens every row of the batch has in common (real tokens, not padding), short of the
+    batch's last position; 0 for a single row."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.shape[0] < 2:
+        return 0
+    same = ((ids == ids[:1]) & mask.bool()).all(0)
+    return min(int(same.int().cumprod(0).sum()), ids.shape[1] - 1)
+
+
+def _prefix_to_share(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """The batch's common prefix where computing it once gives every row what its own forward gives and saves
+    enough to pay for the extra call; else 0. Packed rows (position ids) and input embeddings are left alone."""
+    if "input_ids" not in batch or "position_ids" in batch or "inputs_embeds" in batch:
+        return 0
+    prefix = shared_prefix_length(batch)
+    rows, length = batch["input_ids"].shape
+    if prefix < MIN_SHARED_PREFIX or prefix * (rows - 1) < MIN_SHARED_PREFIX_SHARE * rows * length:
+        return 0
+    return prefix if _rows_independent(model) else 0
+
+
+def _rows_independent(model: nn.Module) -> bool:
+    """Whether each row's outputs depend on its own tokens alone, the same through a KV cache: no mixed-adapter
+    batch (rows differ in adapter), no random draw in training (dropout, router jitter), no gradient checkpointing
+    in training (transformers drops the cache under it), and plain full attention in every layer."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.serve.batch import check_full_attention
+
+    training = model.training
+    config = model.config.get_text_config()
+    if training and any(isinstance(value, float) and value > 0 and ("drop" in key or "jitter" in key)
+                        for key, value in vars(config).items()):
+        return False
+    for module in model.modules():
+        if getattr(module, "row_adapters", None) is not None:
+            return False
+        if training and (getattr(module, "gradient_checkpointing", False)
+                         or (isinstance(module, nn.Dropout) and module.training and module.p > 0)
+                         or (hasattr(module, "draws_random_numbers") and module.draws_random_numbers())):
+            return False
+    try:
+        check_full_attention(model.config)
+    except LoraforgeError:
+        return False
+    return True
+
+
+def _shared_prefix_forward(model: nn.Module, run, batch: dict[str, torch.Tensor], prefix: int,
+                           cache: dict | None = None) -> torch.Tensor:
+    """run()'s output for the whole batch, the first `prefix` positions (the same in every row) computed once:
+    their KV cache is broadcast to all rows (an expanded view: backward sums every row's gradient into it) and the
+    rest of each row runs on top. `cache`, when given, ends up holding every row's whole KV, as without sharing."""
+    from transformers import DynamicCache
+
+    from loraforge.serve.batch import cache_keyword
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, length = ids.shape
+    cache = cache or {cache_keyword(model): DynamicCache(config=model.config)}
+    head = run(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix],
+               position_ids=torch.arange(prefix, device=ids.device)[None], use_cache=True, **cache)
+    for layer in next(iter(cache.values())).layers:
+        layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+    rest = run(input_ids=ids[:, prefix:], attention_mask=mask,
+               position_ids=torch.arange(prefix, length, device=ids.device).expand(rows, -1), use_cache=True, **cache)
+    return torch.cat([head.expand(rows, -1, -1), rest], 1)
 
 
 def _at_targets_shared_prompts(model: nn.Module, run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -222,3 +222,10 @@ def test_the_scoring_pass_hands_diverging_rows_their_kv_cache(tiny):
         for keys, values in answer.cache:  # (KV heads, the prompt and the answer so far but its last token, head)
             assert keys.shape[1] == values.shape[1] == len(answer.prompt_ids) + len(answer.tokens) - 1
             assert keys._base is None  # a copy: the batch's whole cache is not kept alive
+
+
+def test_scoring_between_steps_takes_up_to_four_micro_batches_of_rows_unless_checkpointing():
+    from loraforge.evaluate import SCORING_ROWS, scoring_rows
+
+    assert [scoring_rows(rows, False) for rows in (1, 2, 8, 64)] == [4, 8, SCORING_ROWS, 64]
+    assert [scoring_rows(rows, True) for rows in (1, 8, 64)] == [1, 8, 64]

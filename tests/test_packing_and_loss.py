@@ -1,5 +1,6 @@
 """The speed paths of the loss change nothing: padding-free packing gives every conversation the loss and the
-gradient it has alone, and the chunked head gives the loss and gradient of the plain one."""
+gradient it has alone, the chunked head gives the loss and gradient of the plain one, and a batch's common prefix
+computed once gives every row the log-probs, gradients and KV cache of its own forward."""
 
 from __future__ import annotations
 
@@ -87,6 +88,119 @@ def test_chunked_head_gives_the_plain_loss_and_gradient(monkeypatch):
     torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-5, rtol=1e-6)
     for chunked, plain in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+
+
+def _prefixed_batch(rows: int = 4, length: int = 16, prefix: int = 6) -> dict[str, torch.Tensor]:
+    """Random rows that begin with the same `prefix` tokens (a system prompt), two of them right-padded."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
+    ids[:, :prefix] = ids[0, :prefix]
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, length - 4 :], mask[rows - 1, prefix + 3 :] = 0, 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, : prefix + 2] = IGNORE_INDEX
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+def _without_dropout(arch: str):
+    model = make_model(arch)
+    config = model.config
+    for key, value in vars(config).items():  # GPT-2's attn/resid/embd_pdrop are 0.1
+        if isinstance(value, float) and "drop" in key:
+            setattr(config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _count_shared_passes(monkeypatch) -> list:
+    calls, shared = [], loss_module._shared_prefix_forward
+    monkeypatch.setattr(loss_module, "_shared_prefix_forward", lambda *a, **k: (calls.append(1), shared(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
+def test_a_common_prefix_computed_once_gives_each_row_its_own_logprobs_and_the_same_gradient(arch, monkeypatch):
+    lora = LoraModel(_without_dropout(arch), LoraConfig(r=4, targets="all-linear", init="gaussian")).train()
+    with torch.no_grad():
+        for _, layer in lora.lora_layers():
+            layer.factors("default")[1].normal_(std=0.1)
+    batch = _prefixed_batch()
+    assert loss_module.shared_prefix_length(batch) == 6
+    calls = _count_shared_passes(monkeypatch)
+    results = []
+    for smallest in (4, 10**9):  # shared, then every row whole
+        monkeypatch.setattr(loss_module, "MIN_SHARED_PREFIX", smallest)
+        lora.zero_grad()
+        logprobs = loss_module.token_logprobs(lora.model, batch)
+        logprobs.sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in lora.adapter_parameters("default")]))
+    assert len(calls) == 1  # the first pass shared the prefix, the second did not
+    (shared, shared_grads), (whole, whole_grads) = results
+    assert shared.shape == whole.shape == (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_scoring_with_a_shared_prefix_fills_the_cache_with_every_rows_own_keys(monkeypatch):
+    from transformers import DynamicCache
+
+    from loraforge.serve.batch import cache_keyword
+
+    model = make_model("llama").eval()
+    batch, keyword = _prefixed_batch(), cache_keyword(model)
+    calls = _count_shared_passes(monkeypatch)
+    results = []
+    for smallest in (4, 10**9):
+        monkeypatch.setattr(loss_module, "MIN_SHARED_PREFIX", smallest)
+        cache = DynamicCache(config=model.config)
+        total, count, predictions = loss_module.loss_and_predictions(model, batch, {keyword: cache})
+        results.append((total, count, predictions, [(layer.keys, layer.values) for layer in cache.layers]))
+    assert len(calls) == 1
+    (total, count, predictions, kv), (whole_total, whole_count, whole_predictions, whole_kv) = results
+    assert count == whole_count and torch.equal(predictions, whole_predictions)
+    assert total == pytest.approx(whole_total, rel=1e-5)
+    for (keys, values), (whole_keys, whole_values) in zip(kv, whole_kv):
+        assert keys.shape == whole_keys.shape == (4, model.config.num_key_value_heads, 16, keys.shape[-1])
+        torch.testing.assert_close(keys, whole_keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, whole_values, atol=1e-5, rtol=1e-5)
+
+
+def test_a_common_prefix_is_shared_only_where_every_row_would_compute_it_alike(monkeypatch):
+    batch = _prefixed_batch()
+    assert loss_module.shared_prefix_length({k: v[:1] for k, v in batch.items()}) == 0  # one row
+    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][2, 4:] = 0  # a row that ends inside the common tokens: only real tokens count
+    assert loss_module.shared_prefix_length(padded) == 4
+    same = {k: v[:1].repeat(3, 1) for k, v in batch.items()}
+    assert loss_module.shared_prefix_length(same) == 15  # identical rows: the last position still runs per row
+
+    calls = _count_shared_passes(monkeypatch)
+
+    def shares(lora, **kwargs) -> bool:
+        before = len(calls)
+        loss_module.token_logprobs(lora.model, {**batch, **kwargs})
+        return len(calls) > before
+
+    plain = LoraModel(_without_dropout("llama"), LoraConfig(r=4, targets="all-linear"))
+    assert shares(plain.train()) and shares(plain.eval())
+    with plain.mixed_batch(["default", None, "default", None]):  # rows differ in adapter
+        assert not shares(plain.eval())
+    assert not shares(plain.eval(), position_ids=torch.arange(16).expand(4, -1))  # packed rows
+    dropout = LoraModel(_without_dropout("llama"), LoraConfig(r=4, targets="all-linear", dropout=0.1))
+    assert not shares(dropout.train()) and shares(dropout.eval())  # dropout draws per row in training only
+    lycoris = LoraModel(_without_dropout("llama"), LoraConfig(method="loha", r=4, targets="all-linear"))
+    assert not shares(lycoris.train())  # LoHa draws its module dropout every forward, even at p = 0
+    attention_dropout = make_model("llama")
+    attention_dropout.config.attention_dropout = 0.1
+    assert not shares(LoraModel(attention_dropout, LoraConfig(r=4)).train())
+    from loraforge.models import enable_gradient_checkpointing
+
+    checkpointed = LoraModel(_without_dropout("llama"), LoraConfig(r=4, targets="all-linear"))
+    enable_gradient_checkpointing(checkpointed.model)
+    assert not shares(checkpointed.train()) and shares(checkpointed.eval())  # transformers drops the cache
 
 
 def test_training_with_packing_follows_the_padded_run(tiny_model_dir, tmp_path):

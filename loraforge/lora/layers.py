@@ -190,6 +190,11 @@ class LoraLayer(nn.Module):
                 "disabling them, switching adapters or running a mixed-adapter batch"
             )
 
+    def draws_random_numbers(self) -> bool:
+        """Whether a forward now draws random numbers (dropout in training): then rows that begin alike still get
+        different outputs there, and a batch's common prefix cannot be computed once for all (loss.py)."""
+        return self.training and any(self.dropout_p.get(name) for name in self.active_adapters)
+
     def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout_p[name]
         return F.dropout(x, p, training=True) if p and self.training else x

@@ -96,6 +96,9 @@ class LycorisLayer(LoraLayer):
         # Under autocast F.linear / F.conv2d cast both operands themselves; an fp32 copy of x would be wasted.
         return self._apply(x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype), weight)
 
+    def draws_random_numbers(self) -> bool:
+        return self.training and bool(self.active_adapters)  # module dropout draws even at p = 0 (below)
+
     # Both dropouts draw from the CPU generator exactly as PEFT does (a draw per layer and step even when
     # module_dropout is 0), so a seeded training step drops the same rows and modules in both.
     def _rank_dropout_mask(self, weight: torch.Tensor, name: str) -> torch.Tensor:

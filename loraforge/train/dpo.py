@@ -208,7 +208,7 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     per token (averaged, so that length does not decide), and their answers to the prompts scored against the
     chosen answer."""
     from loraforge.data import Conversation
-    from loraforge.evaluate import evaluate_models
+    from loraforge.evaluate import SCORING_ROWS, evaluate_models
 
     pairs = read_pairs(config.output / "data" / "test.jsonl")[: config.compare_samples]
     if not pairs:
@@ -216,7 +216,7 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     tokenized = [t for t in (tokenize_pair(tokenizer, p, config.max_seq_len) for p in pairs) if t is not None]
     conversations = [Conversation(t.pair.prompt + t.pair.chosen, t.pair.source) for t in tokenized]
     evaluation = evaluate_models(lora, tokenizer, conversations, ["tuned"], config.eval_metrics, len(conversations),
-                                 config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len,
+                                 config.max_new_tokens, batch_size=SCORING_ROWS, max_seq_len=config.max_seq_len,
                                  autocast=autocast, base_cache=base_side_cache(config))
     device = next(lora.parameters()).device
     was_training = lora.training

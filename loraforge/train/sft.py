@@ -14,8 +14,9 @@ from loraforge.config import TrainConfig
 from loraforge.data import PreparedData, collate, read_conversations, example_order, prepare_data, write_jsonl
 from loraforge.demo import default_data
 from loraforge.distributed import is_main, own_block
-from loraforge.evaluate import evaluate_loss
+from loraforge.evaluate import SCORING_ROWS, evaluate_loss, scoring_rows
 from loraforge.loss import perplexity
+from loraforge.models import gradient_checkpointing_on
 from loraforge.objectives import CROSS_ENTROPY
 from loraforge.train.client import TrainingClient
 from loraforge.train.stage import StageData, Validation, base_side_cache, examples_per_step
@@ -58,7 +59,8 @@ class SftStage:
     def validate(self, client: TrainingClient, rows: Sequence) -> Validation:
         # Several ranks: through the DDP / FSDP2 module (a sharded base runs only inside it).
         wrapped = client.parallel.module if client.parallel is not None else None
-        result = evaluate_loss(client.model, rows, self.pad_id, self.config.batch_size, self.device, client.autocast,
+        rows_per_batch = scoring_rows(self.config.batch_size, gradient_checkpointing_on(client.model))
+        result = evaluate_loss(client.model, rows, self.pad_id, rows_per_batch, self.device, client.autocast,
                                logprobs=wrapped)
         return Validation({"loss": result["loss"]}, result["tokens"])
 
@@ -96,5 +98,5 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     if not test:
         return None
     return evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
-                           config.max_new_tokens, batch_size=32, max_seq_len=config.max_seq_len, autocast=autocast,
+                           config.max_new_tokens, batch_size=SCORING_ROWS, max_seq_len=config.max_seq_len, autocast=autocast,
                            base_cache=base_side_cache(config))
