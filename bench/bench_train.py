@@ -301,6 +301,8 @@ def main() -> None:
                 results[key].append(timed(commands[key]()))
                 print(f"round {run + 1}, {key}: {results[key][-1]['wall_s']:.1f} s, "
                       f"{results[key][-1]['peak_mb']:,.0f} MB", file=sys.stderr, flush=True)
+        if args.json:  # the timed runs are kept even if scoring the adapters fails
+            Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=1))
         args.adapters = [str(Path(outputs[key]) / "adapter") for key in chosen]
         losses = spawn(args, "validation")
         med = {key: {m: statistics.median(r[m] for r in rows) for m in ("wall_s", "peak_mb")}

@@ -38,9 +38,10 @@ SCORING_CHUNK_ELEMENTS = 2**23
 
 
 # Rows that all begin with the same tokens (a chat template's system prompt, a shared instruction) compute those
-# once, their KV cache broadcast to every row: worth the extra forward call from this share of the batch's positions.
-MIN_SHARED_PREFIX_SHARE = 1 / 16
-MIN_SHARED_PREFIX = 4
+# once, their KV cache broadcast to every row, where the positions that saves pay for the extra forward call. On a
+# CPU a call costs about a read of the weights: SmolLM2's 14-token system prompt alone took 0.23 s, the compute of
+# ~60 positions. On a GPU a small model's call is bound by kernel launches, worth thousands of positions.
+MIN_SAVED_POSITIONS = {"cpu": 64, "other": 4096}
 
 
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,16 +157,20 @@ def _prefix_to_share(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     if "input_ids" not in batch or "position_ids" in batch or "inputs_embeds" in batch:
         return 0
     prefix = shared_prefix_length(batch)
-    rows, length = batch["input_ids"].shape
-    if prefix < MIN_SHARED_PREFIX or prefix * (rows - 1) < MIN_SHARED_PREFIX_SHARE * rows * length:
-        return 0
+    ids = batch["input_ids"]
+    least = MIN_SAVED_POSITIONS["cpu" if ids.device.type == "cpu" else "other"]
+    if prefix == 0 or prefix * (ids.shape[0] - 1) < least or not hasattr(model, "config"):
+        return 0  # (a wrapper without the model's config, such as a LoraModel itself, runs every row whole)
     return prefix if _rows_independent(model) else 0
 
 
 def _rows_independent(model: nn.Module) -> bool:
     """Whether each row's outputs depend on its own tokens alone, the same through a KV cache: no mixed-adapter
     batch (rows differ in adapter), no random draw in training (dropout, router jitter), no gradient checkpointing
-    in training (transformers drops the cache under it), and plain full attention in every layer."""
+    in training (transformers drops the cache under it), plain full attention in every layer, and no FSDP2 sharding
+    (each forward call gathers the weights: every rank would have to make the same calls)."""
+    from torch.distributed.fsdp import FSDPModule
+
     from loraforge.errors import LoraforgeError
     from loraforge.serve.batch import check_full_attention
 
@@ -175,7 +180,7 @@ def _rows_independent(model: nn.Module) -> bool:
                         for key, value in vars(config).items()):
         return False
     for module in model.modules():
-        if getattr(module, "row_adapters", None) is not None:
+        if getattr(module, "row_adapters", None) is not None or isinstance(module, FSDPModule):
             return False
         if training and (getattr(module, "gradient_checkpointing", False)
                          or (isinstance(module, nn.Dropout) and module.training and module.p > 0)

@@ -114,6 +114,11 @@ def _without_dropout(arch: str):
     return model
 
 
+def _share_from(monkeypatch, positions: int) -> None:
+    """Share a common prefix where it saves at least this many positions, on every device."""
+    monkeypatch.setattr(loss_module, "MIN_SAVED_POSITIONS", {"cpu": positions, "other": positions})
+
+
 def _count_shared_passes(monkeypatch) -> list:
     calls, shared = [], loss_module._shared_prefix_forward
     monkeypatch.setattr(loss_module, "_shared_prefix_forward", lambda *a, **k: (calls.append(1), shared(*a, **k))[1])
@@ -130,8 +135,8 @@ def test_a_common_prefix_computed_once_gives_each_row_its_own_logprobs_and_the_s
     assert loss_module.shared_prefix_length(batch) == 6
     calls = _count_shared_passes(monkeypatch)
     results = []
-    for smallest in (4, 10**9):  # shared, then every row whole
-        monkeypatch.setattr(loss_module, "MIN_SHARED_PREFIX", smallest)
+    for least in (1, 10**9):  # shared, then every row whole
+        _share_from(monkeypatch, least)
         lora.zero_grad()
         logprobs = loss_module.token_logprobs(lora.model, batch)
         logprobs.sum().backward()
@@ -153,8 +158,8 @@ def test_scoring_with_a_shared_prefix_fills_the_cache_with_every_rows_own_keys(m
     batch, keyword = _prefixed_batch(), cache_keyword(model)
     calls = _count_shared_passes(monkeypatch)
     results = []
-    for smallest in (4, 10**9):
-        monkeypatch.setattr(loss_module, "MIN_SHARED_PREFIX", smallest)
+    for least in (1, 10**9):
+        _share_from(monkeypatch, least)
         cache = DynamicCache(config=model.config)
         total, count, predictions = loss_module.loss_and_predictions(model, batch, {keyword: cache})
         results.append((total, count, predictions, [(layer.keys, layer.values) for layer in cache.layers]))
@@ -178,6 +183,7 @@ def test_a_common_prefix_is_shared_only_where_every_row_would_compute_it_alike(m
     assert loss_module.shared_prefix_length(same) == 15  # identical rows: the last position still runs per row
 
     calls = _count_shared_passes(monkeypatch)
+    _share_from(monkeypatch, 18)  # the batch saves 3 rows × 6 positions
 
     def shares(lora, **kwargs) -> bool:
         before = len(calls)
@@ -186,6 +192,9 @@ def test_a_common_prefix_is_shared_only_where_every_row_would_compute_it_alike(m
 
     plain = LoraModel(_without_dropout("llama"), LoraConfig(r=4, targets="all-linear"))
     assert shares(plain.train()) and shares(plain.eval())
+    _share_from(monkeypatch, 19)
+    assert not shares(plain.eval())  # saving less than the extra call costs
+    _share_from(monkeypatch, 18)
     with plain.mixed_batch(["default", None, "default", None]):  # rows differ in adapter
         assert not shares(plain.eval())
     assert not shares(plain.eval(), position_ids=torch.arange(16).expand(4, -1))  # packed rows
