@@ -31,8 +31,8 @@ SCORING_ROWS = 32
 
 
 def scoring_rows(training_rows: int, checkpointing: bool) -> int:
-    """Rows per batch when scoring between training steps: four micro-batches' worth, at most SCORING_ROWS; one
-    under gradient checkpointing, whose step holds little more than a layer's activations."""
+    """Rows per batch when scoring between training steps: four micro-batches' worth, at most SCORING_ROWS; just one
+    micro-batch under gradient checkpointing, whose step holds little more than a layer's activations."""
     return training_rows if checkpointing else max(training_rows, min(SCORING_ROWS, 4 * training_rows))
 
 

@@ -98,5 +98,5 @@ def compare(config: TrainConfig, lora, tokenizer, autocast=nullcontext) -> dict 
     if not test:
         return None
     return evaluate_models(lora, tokenizer, test, ["tuned"], config.eval_metrics, config.compare_samples,
-                           config.max_new_tokens, batch_size=SCORING_ROWS, max_seq_len=config.max_seq_len, autocast=autocast,
-                           base_cache=base_side_cache(config))
+                           config.max_new_tokens, batch_size=SCORING_ROWS, max_seq_len=config.max_seq_len,
+                           autocast=autocast, base_cache=base_side_cache(config))
