@@ -172,6 +172,7 @@ def _rows_independent(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     from loraforge.errors import LoraforgeError
+    from loraforge.models import gradient_checkpointing_on
     from loraforge.serve.batch import check_full_attention
 
     training = model.training
@@ -179,11 +180,12 @@ def _rows_independent(model: nn.Module) -> bool:
     if training and any(isinstance(value, float) and value > 0 and ("drop" in key or "jitter" in key)
                         for key, value in vars(config).items()):
         return False
+    if training and gradient_checkpointing_on(model):
+        return False
     for module in model.modules():
         if getattr(module, "row_adapters", None) is not None or isinstance(module, FSDPModule):
             return False
-        if training and (getattr(module, "gradient_checkpointing", False)
-                         or (isinstance(module, nn.Dropout) and module.training and module.p > 0)
+        if training and ((isinstance(module, nn.Dropout) and module.training and module.p > 0)
                          or (hasattr(module, "draws_random_numbers") and module.draws_random_numbers())):
             return False
     try:
