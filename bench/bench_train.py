@@ -17,7 +17,8 @@ start (imports included) to its exit and the peak memory is the process's larges
 - `loraforge train`, training only: no validation split, no comparison, no report, no TensorBoard;
 - PEFT+TRL with TRL's defaults (`SFTConfig`: bf16 and gradient checkpointing on, even on CPU): bare
   `trainer.train()` + save — what the job costs a TRL user before any evaluation;
-- PEFT+TRL with settings matched to ours (precision and gradient checkpointing as loraforge's run uses).
+- PEFT+TRL with fp32 and no gradient checkpointing (matched to loraforge on a CPU without fast bf16; where
+  `precision=auto` picks bf16, ours runs bf16 against this fp32 row).
 
 Same job everywhere: the demo data (seeded 80/10/10 split; loss on assistant tokens only: TRL's
 `completion_only_loss` on prompt/completion rows), steps × batch, lr 1e-3 cosine with 5 warmup steps, LoRA
