@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, Qwen2Config
 
-from loraforge import LoraConfig, LoraModel
+from loraforge import LoraConfig, LoraModel, hardware
 from loraforge.lora.layers import LoraLayer, ModulesToSave
 
 VOCAB = 96
@@ -22,13 +22,18 @@ if DEVICE.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-@pytest.fixture(autouse=True)
-def cpu_without_native_bf16(monkeypatch):
-    """precision=auto resolves as on a CPU without native bf16 (fp32), so the suite computes the same on every CPU;
-    tests/test_hardware.py probes explicitly, and tests that want bf16 ask for precision=bf16."""
-    from loraforge import hardware
+REAL_CPU_BF16_CAPABILITY = hardware.cpu_bf16_capability  # what tests/test_hardware.py asks the real CPU with
 
-    monkeypatch.setattr(hardware, "cpu_bf16_capability", lambda: (False, "tests: no native bf16"))
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_without_native_bf16():
+    """precision=auto resolves as on a CPU without native bf16 (fp32), so the suite computes the same on every CPU;
+    tests/test_hardware.py probes explicitly, and tests that want bf16 ask for precision=bf16. Session-wide:
+    module-scoped fixtures that train are set up before any function-scoped one, and a function-scoped patch
+    left them computing in bf16 on AVX-512 BF16 CPUs while the tests that compared with them ran fp32."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hardware, "cpu_bf16_capability", lambda: (False, "tests: no native bf16"))
+        yield
 
 
 class TinyConvNet(nn.Module):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import REAL_CPU_BF16_CAPABILITY
 
 from loraforge import hardware
 from loraforge.hardware import MIN_BF16_SPEEDUP, auto_precision, probe_cpu_bf16
@@ -66,7 +67,7 @@ def test_a_cache_for_another_machine_or_version_is_not_used(monkeypatch, tmp_pat
 
 def test_the_real_probe_on_this_machine(monkeypatch, tmp_path):
     """Whatever this CPU is: capability and timing agree with the choice, and a real matmul is timed."""
-    monkeypatch.undo()  # the suite's conftest pins the capability; this test asks the real CPU
+    monkeypatch.setattr(hardware, "cpu_bf16_capability", REAL_CPU_BF16_CAPABILITY)  # conftest pins a fake one
     assert hardware.time_matmul(torch.float32, (64, 64, 64), repeats=2) > 0
     capable, features = hardware.cpu_bf16_capability()
     probe = probe_cpu_bf16(tmp_path / "hw.json")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE, crash_loss_at_call, make_inputs, make_model, perturb
+from conftest import DEVICE, VOCAB, _causal_lm, crash_loss_at_call, make_inputs, make_model, perturb
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -22,6 +22,7 @@ from loraforge.models import load_model
 from loraforge.merge import LOST_FRACTION, merge_quantized
 from loraforge.quant import (
     compute_dtype_for,
+    dequantized_weight,
     frozen_weight_bytes,
     is_quantized_linear,
     model_quant,
@@ -273,15 +274,36 @@ def test_requantize_warns_when_the_update_is_rounded_away():
 
 
 def test_requantized_model_reloads_with_transformers(tmp_path):
+    """The saved 4-bit weights come back bit for bit, and the reloaded model answers like the one saved. Where the
+    CPU has AVX-512 BF16, bitsandbytes runs eval-mode 4-bit layers that transformers builds through its own bf16
+    kernel (repacking each weight on first use, which needs out_features % 32 == 0 and rows of whole 64-blocks: the
+    model is sized for it), so there the logits agree to bf16's precision; elsewhere to fp32's."""
     pytest.importorskip("accelerate")  # transformers' bitsandbytes loader needs it
-    lora = LoraModel(_quantized_llama(), LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    model = _causal_lm(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    quantize_model(model.eval().to(DEVICE), "nf4", device=DEVICE)
+    lora = LoraModel(model, LoraConfig(r=4, alpha=8))
     perturb(lora, "default")
     plain, _ = merge_quantized(lora, requantize="nf4")
     inputs = make_inputs("llama")
     plain.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": DEVICE.type}).eval()
     assert model_quant(reloaded) == "nf4"
-    torch.testing.assert_close(_logits(reloaded, inputs), _logits(plain, inputs), atol=1e-5, rtol=0)
+    saved = {name: module for name, module in plain.named_modules() if is_quantized_linear(module)}
+    restored = {name: module for name, module in reloaded.named_modules() if is_quantized_linear(module)}
+    assert saved.keys() == restored.keys() and len(saved) == 14
+    for name, module in saved.items():
+        torch.testing.assert_close(dequantized_weight(restored[name], restored[name].weight),
+                                   dequantized_weight(module, module.weight), atol=0, rtol=0, msg=name)
+    bf16_kernel = DEVICE.type == "cpu" and any(getattr(m, "support_avx512bf16_for_cpu", False)
+                                               for m in restored.values())
+    expected = _logits(plain, inputs)
+    got = _logits(reloaded, inputs)
+    if bf16_kernel:  # measured 1.1% on a Sapphire Rapids Xeon: as far as the saved model under bf16 autocast is
+        assert float((got - expected).norm() / expected.norm()) < 2e-2
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 # -- training on a quantized base --------------------------------------------------------------------
