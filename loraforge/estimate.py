@@ -11,8 +11,9 @@ targeting (a LoraModel on the meta model). Memory is counted per part, for full 
   gradients    one per trainable parameter, in its dtype
   optimizer    AdamW's two fp32 states per trainable parameter
   activations  what autograd keeps for backward (see `saved_elements_per_token`)
-  logits       the fp32 log-probabilities of the target tokens (at most one chunk of them, see
-               loss.head_cross_entropy) and two gradient buffers of that size
+  logits       full fine-tuning: the fp32 log-probabilities of the target tokens (at most one chunk of them, see
+               loss.head_cross_entropy) and two gradient buffers of that size; LoRA and QLoRA (a frozen head):
+               one chunk of logits during forward, in fp32 and the compute dtype (loss._FrozenHeadCrossEntropy)
 
 Peak = weights + optimizer + max(activations + logits + first gradients, all gradients): backward starts with
 every activation alive (and the output head's gradient), and ends with every gradient alive.
@@ -45,7 +46,7 @@ from loraforge.config import LoraConfig, TrainConfig, load_train_config
 from loraforge.console import make_console
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.hardware import autocast_for, compact_cpu_allocator, dtype_named, grad_scaler_for, trim_cpu_heap
-from loraforge.loss import LOGITS_CHUNK_ELEMENTS
+from loraforge.loss import LOGITS_CHUNK_ELEMENTS, SCORING_CHUNK_ELEMENTS
 from loraforge.lora.fused_mlp import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
 
@@ -57,6 +58,7 @@ ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 # quantization, one fp32 constant per 256 absmax values: 4 + 8/64 + 32/(64·256) bits.
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 LOGIT_BUFFERS = 3  # log-probs, d(log-probs), d(logits) of one chunk: fp32, alive together in backward
+FROZEN_HEAD_LOGIT_BUFFERS = 2  # a frozen head's chunk of logits: in fp32, and in the compute dtype for the matmuls
 ATTENTION_OUTPUT = re.compile(r"(^|\.)(o_proj|out_proj|dense|c_proj|wo)$")
 MLP_OUTPUT = re.compile(r"(^|\.)(down_proj|c_proj|fc2|w2|dense_4h_to_h)$")
 MODES = ("full", "lora", "qlora")
@@ -246,15 +248,20 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         weights -= params.adapter.linear_weights * max(0, weight_bytes - DTYPE_BYTES[frozen_dtype])
     tokens = batch_size * seq_len
     targets = tokens * target_fraction
-    # The loss holds logits for at most a chunk of rows at once and recomputes chunks in backward
-    # (loss.head_cross_entropy), keeping only each chunk's hidden states.
-    logit_rows = min(targets, max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab))
-    chunked = logit_rows < targets
+    # A trained head (full fine-tuning) holds logits for at most a chunk of rows and recomputes chunks in backward
+    # (loss.head_cross_entropy); a frozen one has a chunk of them only during forward and keeps, per target, the
+    # gradient with respect to its input instead (loss._FrozenHeadCrossEntropy).
+    if full:
+        logit_rows = min(targets, max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab))
+        logits = LOGIT_BUFFERS * logit_rows * arch.vocab * 4
+    else:
+        logit_rows = min(targets, max(1, SCORING_CHUNK_ELEMENTS // arch.vocab))
+        logits = FROZEN_HEAD_LOGIT_BUFFERS * logit_rows * arch.vocab * 4
     kind = "full" if full else "lora"
     layers = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len)
-    # Outside the layers: the final norm (its input; full fine-tuning also its two outputs) and, with a trainable
-    # head or a chunked loss, the head's input at the target positions.
-    outside = tokens * (3 * arch.hidden if full else arch.hidden) + (targets * arch.hidden if full or chunked else 0)
+    # Outside the layers: the final norm (its input; full fine-tuning also its two outputs) and one hidden-sized row
+    # per target (a trained head's input; a frozen head's input gradient).
+    outside = tokens * (3 * arch.hidden if full else arch.hidden) + targets * arch.hidden
     act_bytes = DTYPE_BYTES[activation_dtype]
     plain = (tokens * layers + outside) * act_bytes
     # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
@@ -274,7 +281,7 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         gradients *= 2  # DDP's bucket copy of the gradients / FSDP's flat all-reduce buffer of the adapter's
     return Memory(weights=weights, gradients=gradients,
                   optimizer=trainable * ADAMW_STATE_BYTES, activations=activations, activations_other=other,
-                  logits=LOGIT_BUFFERS * logit_rows * arch.vocab * 4,
+                  logits=logits,
                   first_gradients=params.head * weight_bytes if full else 0)
 
 
@@ -385,7 +392,9 @@ def calibrate(est: Estimate, model_config, config: TrainConfig, modes: tuple[str
     from loraforge.hardware import autocast_dtype, resolve_precision
 
     device, precision = resolve_precision(config)
-    amp_dtype = autocast_dtype(precision)
+    # The steps compute in the precision the estimate assumed: `auto` is estimated in the weights' dtype (estimate()
+    # does not probe the hardware), so it is measured without autocast even where training would pick bf16.
+    amp_dtype = autocast_dtype(precision) if config.precision != "auto" else None
     available = free_memory(device)
     if device.type == "cpu":
         track_freed_memory()

@@ -89,6 +89,47 @@ def test_fused_node_under_autocast_computes_in_the_autocast_dtype():
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
 
 
+def _saved_storages(run) -> list[torch.Tensor]:
+    """The tensors autograd keeps while `run()` builds its graph."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        result = run()
+    return saved, result
+
+
+def test_sibling_projections_share_one_cast_of_their_input():
+    """q, k and v read the same fp32 input under bf16 autocast: it is cast once and that copy is what all three keep;
+    the gradients equal separate casts'. An input changed in place between calls is cast afresh."""
+    layers = [_layer("linear", False) for _ in range(3)]
+    x = torch.randn(2, 6, 24, requires_grad=True)
+
+    def qkv():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [layer(x) for layer in layers]
+
+    saved, outs = _saved_storages(qkv)
+    casts = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16 and t.shape == (12, 24)}
+    assert len(casts) == 1
+    sum(o.float().square().sum() for o in outs).backward()
+    shared = [x.grad.clone()] + [p.grad.clone() for layer in layers for p in layer.parameters() if p.requires_grad]
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # one cast per call: a fresh copy of x each time
+        outs = [layer(x.clone()) for layer in layers]
+    sum(o.float().square().sum() for o in outs).backward()
+    separate = [x.grad] + [p.grad for layer in layers for p in layer.parameters() if p.requires_grad]
+    for got, want in zip(shared, separate):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    y = torch.randn(2, 6, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layers[0](y)
+        y.mul_(2)  # in place: the cached cast is stale
+        after = layers[0](y)
+    torch.testing.assert_close(after, 2 * before, atol=2e-2, rtol=2e-2)
+
+
 def test_input_without_grad_still_trains_the_adapter():
     layer = _layer("linear", False)
     out = layer(torch.randn(2, 3, 24))  # e.g. the first layer after a frozen embedding

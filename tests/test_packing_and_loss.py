@@ -13,7 +13,7 @@ from loraforge import LoraConfig, LoraModel
 from loraforge import evaluate as evaluate_module
 from loraforge import loss as loss_module
 from loraforge.data import IGNORE_INDEX, Example, collate
-from loraforge.loss import causal_lm_loss
+from loraforge.loss import causal_lm_loss, target_tokens, token_logprobs
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[Example]:
@@ -88,6 +88,48 @@ def test_chunked_head_gives_the_plain_loss_and_gradient(monkeypatch):
     torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-5, rtol=1e-6)
     for chunked, plain in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_frozen_head_keeps_no_logits_and_gives_the_plain_gradients(arch, monkeypatch):
+    """The frozen head's one node (loss._FrozenHeadCrossEntropy) against autograd over head + cross-entropy: the same
+    log-probs and adapter gradients under per-token weights (as DPO and GRPO weigh tokens), with and without a
+    per-row temperature and in chunks of rows, while it keeps no logits for backward."""
+    lora = LoraModel(_without_dropout(arch), LoraConfig(r=4, targets="all-linear"))
+    lora.train()
+    for p in lora.adapter_parameters("default"):
+        torch.nn.init.normal_(p, std=0.05)
+    batch = collate(_examples([30, 25, 18]), 0)
+    weights = torch.linspace(0.5, 2.0, target_tokens(batch))
+    frozen_linear = loss_module._frozen_linear
+    for temperature in (None, torch.tensor([0.7, 1.0, 1.3])):
+        if temperature is not None:
+            batch = {**batch, "temperature": temperature}
+        results = []
+        for fused in (True, False):
+            monkeypatch.setattr(loss_module, "_frozen_linear", frozen_linear if fused else lambda head: False)
+            monkeypatch.setattr(loss_module, "SCORING_CHUNK_ELEMENTS", 5 * VOCAB)  # rows of 5 logits: 4 chunks
+            lora.zero_grad()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                logprobs = token_logprobs(lora.model, batch)
+            (logprobs * weights).sum().backward()
+            results.append((logprobs.detach(), [p.grad.clone() for p in lora.adapter_parameters("default")], saved))
+        (fused_lp, fused_grads, fused_saved), (plain_lp, plain_grads, plain_saved) = results
+        torch.testing.assert_close(fused_lp, plain_lp, atol=1e-5, rtol=1e-5)
+        for got, want in zip(fused_grads, plain_grads):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        # Autograd over the ops keeps at least the log-softmax of every target; the node keeps none of it.
+        kept = [sum(shape.numel() for shape in shapes) for shapes in (plain_saved, fused_saved)]
+        assert kept[0] - kept[1] >= target_tokens(batch) * VOCAB
+
+
+def test_a_trained_head_takes_the_autograd_path():
+    lora = LoraModel(make_model("llama"), LoraConfig(r=4, targets="all-linear", modules_to_save=["lm_head"]))
+    assert not loss_module._frozen_linear(lora.model.get_output_embeddings())
+    plain = make_model("llama")
+    assert loss_module._frozen_linear(plain.requires_grad_(False).get_output_embeddings())
+    assert not loss_module._frozen_linear(plain.requires_grad_(True).get_output_embeddings())
 
 
 def _prefixed_batch(rows: int = 4, length: int = 16, prefix: int = 6) -> dict[str, torch.Tensor]:
