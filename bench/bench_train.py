@@ -17,8 +17,8 @@ start (imports included) to its exit and the peak memory is the process's larges
 - `loraforge train`, training only: no validation split, no comparison, no report, no TensorBoard;
 - PEFT+TRL with TRL's defaults (`SFTConfig`: bf16 and gradient checkpointing on, even on CPU): bare
   `trainer.train()` + save — what the job costs a TRL user before any evaluation;
-- PEFT+TRL with fp32 and no gradient checkpointing (matched to loraforge on a CPU without fast bf16; where
-  `precision=auto` picks bf16, ours runs bf16 against this fp32 row).
+- PEFT+TRL matched to loraforge: the precision `precision=auto` picks on this machine (bf16 autocast where the
+  hardware probe chose it, else fp32) and no gradient checkpointing.
 
 Same job everywhere: the demo data (seeded 80/10/10 split; loss on assistant tokens only: TRL's
 `completion_only_loss` on prompt/completion rows), steps × batch, lr 1e-3 cosine with 5 warmup steps, LoRA
@@ -77,6 +77,13 @@ def bench_data(tokenizer):
     return prepare_data(DataConfig(path=DEMO_DATA), tokenizer, MAX_SEQ_LEN, seed=0)
 
 
+def our_precision(device: str) -> str:
+    """What loraforge's precision=auto computes in on this device (hardware.auto_precision: probed, cached)."""
+    from loraforge.hardware import auto_precision
+
+    return auto_precision(torch.device(device)).name
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -111,7 +118,8 @@ def run_peft_trl(args) -> dict:
     model, tokenizer = load_bench_model(args.model, args.device)
     data = bench_data(tokenizer)
     rows = [{"prompt": c.messages[:-1], "completion": c.messages[-1:]} for c in data.train.conversations]
-    matched = {} if args.trl_defaults else {"bf16": False, "gradient_checkpointing": False}
+    matched = {} if args.trl_defaults else {"bf16": our_precision(args.device) == "bf16",
+                                            "gradient_checkpointing": False}
     sft = SFTConfig(
         output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=BENCH_LR,
         lr_scheduler_type="cosine", warmup_steps=5, logging_steps=args.steps, save_strategy="no", report_to=[],
@@ -247,7 +255,7 @@ ROWS = (("loraforge", "`loraforge train` (default job: validation, advice, compa
         ("loraforge_again", "`loraforge train` (default job), run again: the base's side from the cache"),
         ("loraforge_train", "`loraforge train`, training only"),
         ("peft_trl_defaults", "PEFT+TRL bare train + save, TRL defaults (bf16, gradient checkpointing)"),
-        ("peft_trl_matched", "PEFT+TRL bare train + save, matched (fp32, no checkpointing)"))
+        ("peft_trl_matched", "PEFT+TRL bare train + save, matched (our precision, no checkpointing)"))
 
 
 def main() -> None:
