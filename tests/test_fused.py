@@ -89,8 +89,8 @@ def test_fused_node_under_autocast_computes_in_the_autocast_dtype():
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
 
 
-def _saved_storages(run) -> list[torch.Tensor]:
-    """The tensors autograd keeps while `run()` builds its graph."""
+def _saved_tensors(run) -> tuple[list[torch.Tensor], object]:
+    """(the tensors autograd keeps while `run()` builds its graph, what `run()` returned)."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         result = run()
@@ -107,7 +107,7 @@ def test_sibling_projections_share_one_cast_of_their_input():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return [layer(x) for layer in layers]
 
-    saved, outs = _saved_storages(qkv)
+    saved, outs = _saved_tensors(qkv)
     casts = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16 and t.shape == (12, 24)}
     assert len(casts) == 1
     sum(o.float().square().sum() for o in outs).backward()
@@ -122,10 +122,10 @@ def test_sibling_projections_share_one_cast_of_their_input():
     for got, want in zip(shared, separate):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
-    y = torch.randn(2, 6, 24)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        before = layers[0](y)
-        y.mul_(2)  # in place: the cached cast is stale
+    y = torch.randn(2, 6, 24, requires_grad=True) * 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layers[0](y)  # its node keeps the cast alive
+        y.mul_(2)  # in place: that cast is stale now
         after = layers[0](y)
     torch.testing.assert_close(after, 2 * before, atol=2e-2, rtol=2e-2)
 
