@@ -102,13 +102,13 @@ def test_frozen_head_keeps_no_logits_and_gives_the_plain_gradients(arch, monkeyp
     batch = collate(_examples([30, 25, 18]), 0)
     weights = torch.linspace(0.5, 2.0, target_tokens(batch))
     frozen_linear = loss_module._frozen_linear
+    monkeypatch.setattr(loss_module, "SCORING_CHUNK_ELEMENTS", 5 * VOCAB)  # rows of 5 logits: 49 targets, 10 chunks
     for temperature in (None, torch.tensor([0.7, 1.0, 1.3])):
         if temperature is not None:
             batch = {**batch, "temperature": temperature}
         results = []
         for fused in (True, False):
             monkeypatch.setattr(loss_module, "_frozen_linear", frozen_linear if fused else lambda head: False)
-            monkeypatch.setattr(loss_module, "SCORING_CHUNK_ELEMENTS", 5 * VOCAB)  # rows of 5 logits: 4 chunks
             lora.zero_grad()
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
