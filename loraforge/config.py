@@ -288,7 +288,9 @@ class TrainConfig(Section):
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Storage of the adapted layers' frozen weights. auto: the autocast dtype under bf16/fp16 "
         "autocast (what every matmul casts them to anyway, so nothing changes but the bytes), else fp32. bf16 on "
-        "CPU halves those bytes and still computes in fp32 (weights are widened per use)."
+        "CPU halves those bytes and still computes in fp32 (weights are widened per use). Where the storage dtype "
+        "is the autocast dtype, a frozen input embedding and output head are kept in it too (rows widened as "
+        "they are looked up)."
     )
     compact_cpu_memory: bool = Field(
         False, description="On Linux CPUs, have glibc return every freed block above 128 KiB to the system at once, "

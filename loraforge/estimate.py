@@ -49,6 +49,7 @@ from loraforge.hardware import autocast_for, compact_cpu_allocator, dtype_named,
 from loraforge.loss import LOGITS_CHUNK_ELEMENTS, SCORING_CHUNK_ELEMENTS
 from loraforge.lora.fused_mlp import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
+from loraforge.memory import frozen_embedding_weights
 
 PRESETS = Path(__file__).parent / "presets"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -142,6 +143,7 @@ class Parameters:
     head: int  # the output head, whose gradient backward allocates first
     quantizable: int  # Linear weights but the head: what QLoRA keeps in NF4
     outside_layers: int  # weights in no decoder layer (embeddings, head, final norm): FSDP's root group
+    embeddings: int  # frozen input embedding and head left plain by the adapter (tied: once), memory.store_embeddings_in
     adapter: AdapterLayout  # what the LoRA config trains, by loraforge's own targeting
 
 
@@ -165,7 +167,8 @@ def count_parameters(config, lora_config: LoraConfig) -> Parameters:
     outside = sum(p.numel() for n, p in model.named_parameters() if layer_index(n, None) is None)
     return Parameters(total=total, per_token=int(total - (0 if tied else embedding.numel()) - inactive),
                       head=head_module.weight.numel() if head_module is not None else 0, quantizable=quantizable,
-                      outside_layers=outside, adapter=layout)
+                      outside_layers=outside, embeddings=sum(w.numel() for w in frozen_embedding_weights(model)),
+                      adapter=layout)
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -246,6 +249,11 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         weights -= params.quantizable * (weight_bytes - NF4_BYTES)
     elif mode == "lora" and frozen_dtype:
         weights -= params.adapter.linear_weights * max(0, weight_bytes - DTYPE_BYTES[frozen_dtype])
+    # The frozen embedding and head are kept in the compute dtype when the adapted weights are (train's build_trainee).
+    embeddings_saved = 0
+    if not full and frozen_dtype == activation_dtype:
+        embeddings_saved = params.embeddings * max(0, weight_bytes - DTYPE_BYTES[activation_dtype])
+    weights -= embeddings_saved
     tokens = batch_size * seq_len
     targets = tokens * target_fraction
     # A trained head (full fine-tuning) holds logits for at most a chunk of rows and recomputes chunks in backward
@@ -276,7 +284,7 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         if strategy == "fsdp":
             adapters = trainable * ADAPTER_BYTES
             frozen = weights - adapters
-            outside = params.outside_layers * weight_bytes
+            outside = params.outside_layers * weight_bytes - embeddings_saved
             weights = frozen / world_size + outside + 2 * (frozen - outside) / arch.layers + adapters
         gradients *= 2  # DDP's bucket copy of the gradients / FSDP's flat all-reduce buffer of the adapter's
     return Memory(weights=weights, gradients=gradients,

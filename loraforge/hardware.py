@@ -213,6 +213,9 @@ def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> 
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# Training's mmap threshold on CPUs (see compact_cpu_allocator); compact_cpu_memory's is COMPACT_THRESHOLD.
+LARGE_BLOCK_THRESHOLD = 4 * 2**20
+COMPACT_THRESHOLD = 128 * 2**10
 
 
 def _glibc():
@@ -224,20 +227,23 @@ def _glibc():
     return libc if hasattr(libc, "malloc_trim") else None
 
 
-def compact_cpu_allocator(trim_at_once: bool = False) -> bool:
-    """Fix glibc's mmap threshold at 128 KiB (True if it took); with `trim_at_once` also give freed heap tops
-    back at once. By default the threshold grows with every freed large block up to 32 MB, so activation-sized
-    tensors come from the heap, which fragments and keeps freed memory: on the demo job the peak RSS fell from
-    2,686 to 1,857 MB with the fixed threshold. The price is a fresh, zeroed page for every new tensor: steps
-    measured 1.3–1.8× slower on this project's VM, hence opt-in. Neither same-shape batches nor preallocated
-    gradients and optimizer state reduce the heap's slack (measured with mallinfo2: ~500 MB free but unusable at
-    each step's peak), so this is the lever there is."""
+def compact_cpu_allocator(threshold: int = COMPACT_THRESHOLD, trim_at_once: bool = False) -> bool:
+    """Fix glibc's mmap threshold at `threshold` bytes (True if it took): blocks from that size up get a mapping
+    of their own, returned to the system when freed. With `trim_at_once` freed heap tops go back at once too.
+
+    By default glibc raises the threshold to the size of every freed mapped block, up to 32 MB, so after a step's
+    first large temporaries every tensor comes from the heap, whose holes between live tensors stay resident.
+    Training fixes it at LARGE_BLOCK_THRESHOLD: a step's few large temporaries (the head's logit chunks, ~17 MB on
+    SmolLM2) stop fragmenting the heap, and blocks of an activation's size still come from it (a mapped block
+    costs a fresh, zeroed page per 4 KiB): the demo job's peak RSS −140 MB at the same step time (BENCHMARKS.md).
+    At COMPACT_THRESHOLD (compact_cpu_memory) activations are mapped too: the peak fell further (2,686 → 1,857 MB
+    on an earlier version of the demo job) but steps ran 1.3–1.8× slower, hence opt-in."""
     libc = _glibc()
     if libc is None:
         return False
     if trim_at_once:
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+        libc.mallopt(M_TRIM_THRESHOLD, COMPACT_THRESHOLD)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def trim_cpu_heap() -> None:

@@ -15,3 +15,40 @@ def release_checkpoint_mapping(model: torch.nn.Module) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point() and tensor.device.type == "cpu":
             tensor.data = tensor.data.clone()
+
+
+def frozen_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The frozen float weights of the input embedding and the output head, each once (a tied head shares the
+    embedding's), where the module is the plain torch one: a wrapped module (LoRA on it, modules_to_save) or a
+    trained one keeps its weights as they are, and so does a head with a bias."""
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    weights: list[torch.nn.Parameter] = []
+    for module, kind in zip(modules, (torch.nn.Embedding, torch.nn.Linear)):
+        if type(module) is not kind or getattr(module, "bias", None) is not None:
+            continue
+        weight = module.weight
+        if weight.is_floating_point() and not weight.requires_grad and all(weight is not w for w in weights):
+            weights.append(weight)
+    return weights
+
+
+@torch.no_grad()
+def store_embeddings_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen input embedding and output head (frozen_embedding_weights) in `dtype`, the dtype the run
+    computes in: the head's matmul casts its weight to it anyway, and the embedding's rows are widened back as they
+    are looked up, so the residual stream keeps its dtype. For SmolLM2-135M (49k × 576, tied) 56 MB less resident,
+    and no cast of the head per step; for an untied 128k-vocabulary 8B model 2 GB. Returns the bytes saved."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    saved = 0
+    for weight in frozen_embedding_weights(model):
+        if weight.dtype == dtype:
+            continue
+        saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
+        wide = weight.dtype
+        weight.data = weight.data.to(dtype)
+        if getattr(embedding, "weight", None) is weight:
+            embedding.register_forward_hook(lambda module, args, rows, wide=wide: rows.to(wide))
+        if getattr(head, "weight", None) is weight:
+            # Outside autocast (a caller computing in fp32) the input meets the narrow weight: compute in its dtype.
+            head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+    return saved

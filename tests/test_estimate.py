@@ -307,6 +307,12 @@ def test_base_dtype_bf16_stores_adapted_weights_in_half_the_bytes():
     assert linear == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # 2 layers × (q, o + k, v + gate, up, down)
     assert plain.memory["lora"].weights - narrow.memory["lora"].weights == 2 * linear
     assert plain.memory["full"].weights == narrow.memory["full"].weights  # full fine-tuning trains them in fp32
+    # Under bf16 autocast base_dtype=auto also keeps the frozen embedding and (untied) head in bf16.
+    auto = estimate("tiny", TrainConfig(lora={"targets": "all-linear"}, precision="bf16"), "fp32",
+                    model_config=model_config)
+    assert auto.parameters.embeddings == 2 * 1000 * 64
+    assert plain.memory["lora"].weights - auto.memory["lora"].weights == 2 * linear + 2 * auto.parameters.embeddings
+    assert narrow.memory["lora"].weights == auto.memory["lora"].weights + 2 * auto.parameters.embeddings  # fp32 compute
 
 
 def test_the_learning_rate_advice_knows_the_stage():

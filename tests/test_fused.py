@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 
 import pytest
@@ -190,10 +191,66 @@ def test_bf16_stored_base_trains_like_its_widened_copy(arch):
         assert narrow.state_dict().keys() == wide.state_dict().keys()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # an untied head, a tied one
+def test_embeddings_stored_in_the_compute_dtype_compute_what_autocast_computed(arch):
+    """store_embeddings_in(bf16) under bf16 autocast: the head's matmul gets the weight autocast made of the float
+    one (the same rounding), the looked-up rows come back widened (the residual stream stays fp32), so logits and
+    the adapter's gradients equal those of a float model holding the rounded values; outside autocast the head
+    still runs (in the weight's dtype)."""
+    from conftest import make_inputs, make_model, perturb
+
+    from loraforge import LoraModel
+    from loraforge.memory import frozen_embedding_weights, store_embeddings_in
+
+    config = LoraConfig(r=4, alpha=8, targets="all-linear")
+    narrow = LoraModel(make_model(arch), config)
+    perturb(narrow, "default")
+    wide = LoraModel(make_model(arch), config)
+    wide.load_state_dict(narrow.state_dict())
+    weights = frozen_embedding_weights(narrow.model)
+    assert len(weights) == (1 if arch == "gpt2" else 2)  # a tied head is the embedding's tensor, counted once
+    assert store_embeddings_in(narrow.model, torch.bfloat16) == sum(w.numel() * 2 for w in weights)
+    assert all(w.dtype == torch.bfloat16 for w in weights)
+    for weight in frozen_embedding_weights(wide.model):
+        weight.data = weight.data.to(torch.bfloat16).float()
+    inputs = make_inputs(arch)
+    assert narrow.model.get_input_embeddings()(inputs).dtype == torch.float32
+    logits = []
+    for model in (narrow, wide):
+        model.train()
+        torch.manual_seed(3)  # gpt2's dropout: the same masks on both
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(inputs).logits.float()
+        out.square().mean().backward()
+        logits.append(out)
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+    for (name, p), (_, q) in zip(narrow.named_parameters(), wide.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=0, rtol=0, msg=name)
+    plain = narrow.eval()(inputs).logits
+    assert plain.dtype == torch.bfloat16
+    torch.testing.assert_close(plain.float(), wide.eval()(inputs).logits, atol=0.05, rtol=0.05)
+
+
+def test_a_trained_or_wrapped_embedding_keeps_its_dtype():
+    from conftest import make_model
+
+    from loraforge import LoraModel
+    from loraforge.memory import frozen_embedding_weights, store_embeddings_in
+
+    saving_head = LoraModel(make_model("llama"), LoraConfig(targets=["q_proj"], modules_to_save=["lm_head"]))
+    adapted_embedding = LoraModel(make_model("llama"), LoraConfig(targets=["embed_tokens", "q_proj"]))
+    for lora, kept in ((saving_head, "lm_head"), (adapted_embedding, "embed_tokens")):
+        plain = lora.model.get_input_embeddings() if kept == "lm_head" else lora.model.get_output_embeddings()
+        assert frozen_embedding_weights(lora.model) == [plain.weight]
+        store_embeddings_in(lora.model, torch.bfloat16)
+        dtypes = {name: p.dtype for name, p in lora.model.named_parameters() if kept in name}
+        assert dtypes and set(dtypes.values()) == {torch.float32}, dtypes
+
+
 def test_releasing_the_checkpoint_map_keeps_values_and_ties(tiny_model_dir):
     from loraforge.memory import release_checkpoint_mapping
     from loraforge.models import load_model
-    from loraforge.hardware import compact_cpu_allocator
 
     model, _ = load_model(tiny_model_dir)
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -204,7 +261,31 @@ def test_releasing_the_checkpoint_map_keeps_values_and_ties(tiny_model_dir):
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
-    assert compact_cpu_allocator() == (platform.libc_ver()[0] == "glibc")  # a no-op, not an error, elsewhere
+
+
+def test_the_fixed_mmap_threshold_gives_a_large_block_its_own_mapping():
+    """After compact_cpu_allocator(LARGE_BLOCK_THRESHOLD) a tensor above it is mapped on its own (glibc's mallinfo2
+    counts it in hblkhd) and unmapped when freed, whatever glibc's dynamic threshold had grown to; elsewhere the
+    call is a no-op that says so."""
+    from loraforge.hardware import LARGE_BLOCK_THRESHOLD, compact_cpu_allocator
+
+    torch.empty(3 * LARGE_BLOCK_THRESHOLD, dtype=torch.uint8)  # freed at once: glibc's own threshold rises to its size
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert compact_cpu_allocator(LARGE_BLOCK_THRESHOLD) == glibc
+    if not glibc:
+        return
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    block = torch.empty(2 * LARGE_BLOCK_THRESHOLD, dtype=torch.uint8)
+    assert libc.mallinfo2().hblkhd - before >= block.numel()
+    del block
+    assert libc.mallinfo2().hblkhd == before
 
 
 def _saved_bytes(fn) -> int:

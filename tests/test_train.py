@@ -267,3 +267,22 @@ def test_the_default_validation_sample_costs_a_tenth_of_the_interval_training():
         config = TrainConfig(batch_size=batch_size)
         every = loop_module.default_eval_every(config, 20)
         assert loop_module.validation_sample_size(config, every, 10_000) <= 3 * 0.10 * every * batch_size + 0.5
+
+
+@pytest.mark.parametrize("precision, base_dtype, narrowed", [("bf16", "auto", True), ("fp32", "bf16", False)])
+def test_the_frozen_embedding_is_kept_in_the_dtype_the_run_computes_in(precision, base_dtype, narrowed):
+    """base_dtype=auto under bf16 autocast keeps the tied embedding/head in bf16 (and says so); bf16 storage under
+    fp32 compute narrows only the adapted layers (the head would be widened at every step)."""
+    from conftest import make_model
+
+    from loraforge.hardware import DTYPES
+
+    model = make_model("gpt2")
+    said: list[str] = []
+    config = TrainConfig(lora={"targets": "all-linear"}, precision=precision, base_dtype=base_dtype)
+    amp_dtype = None if precision == "fp32" else DTYPES[precision]
+    loop_module.build_trainee(config, model, None, 1, amp_dtype, said.append)
+    embedding = model.get_input_embeddings().weight
+    assert embedding.dtype == (torch.bfloat16 if narrowed else torch.float32)
+    assert model.get_output_embeddings().weight is embedding
+    assert ("embedding and head" in said[-1]) == narrowed

@@ -36,10 +36,10 @@ from loraforge.distributed import (active, any_rank, is_main, join, leave, lost_
                                    step_seed, world_size, wrap)
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.estimate import checkpointing_needed, free_memory
-from loraforge.hardware import (autocast_dtype, autocast_for, compact_cpu_allocator, frozen_storage_dtype,
-                                grad_scaler_for, resolve_precision)
+from loraforge.hardware import (COMPACT_THRESHOLD, LARGE_BLOCK_THRESHOLD, autocast_dtype, autocast_for,
+                                compact_cpu_allocator, frozen_storage_dtype, grad_scaler_for, resolve_precision)
 from loraforge.lora import DEFAULT_ADAPTER, LoraModel
-from loraforge.memory import release_checkpoint_mapping
+from loraforge.memory import release_checkpoint_mapping, store_embeddings_in
 from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model
 from loraforge.optim import build_optimizer, build_scheduler
 from loraforge.train.checkpoint import load_checkpoint, save_checkpoint, stage_tensors
@@ -154,10 +154,12 @@ def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps:
     storage = frozen_storage_dtype(config, amp_dtype)
     if storage is not None and isinstance(trainee, AdapterTrainee):
         saved = trainee.lora.store_frozen_weights(storage)
-        release_checkpoint_mapping(model)  # else the fp32 file stays resident behind the embedding's view
-        if saved:
-            say(f"frozen weights of adapted layers kept in {str(storage).removeprefix('torch.')}: "
-                f"{saved / 2**20:,.0f} MB saved")
+        # The embedding and head only in the dtype the run computes in: else every step would widen the head.
+        embeddings = store_embeddings_in(model, storage) if storage == amp_dtype else 0
+        release_checkpoint_mapping(model)  # else the fp32 file stays resident behind the norms' views
+        if saved or embeddings:
+            say(f"frozen weights kept in {str(storage).removeprefix('torch.')}: adapted layers' {saved / 2**20:,.0f} MB "
+                f"saved" + (f", embedding and head's {embeddings / 2**20:,.0f} MB" if embeddings else ""))
     return trainee
 
 
@@ -197,8 +199,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                       f"per step ({config.batch_size} × {config.grad_accum} on each)")
     amp_dtype = autocast_dtype(precision)
     console.print(f"precision: {precision.name} on {device.type} ({precision.why}); adapters and optimizer state fp32")
-    if device.type == "cpu" and config.compact_cpu_memory:
-        compact_cpu_allocator()
+    if device.type == "cpu":
+        compact_cpu_allocator(COMPACT_THRESHOLD if config.compact_cpu_memory else LARGE_BLOCK_THRESHOLD)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
