@@ -250,8 +250,8 @@ def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
                        temperature: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of head(hidden) / temperature against labels, per token. A frozen plain head in training runs
     as one node that keeps no logits (_FrozenHeadCrossEntropy); otherwise never more than LOGITS_CHUNK_ELEMENTS
-    logits exist at once: beyond that the head runs in chunks whose logits are recomputed in backward instead of
-    kept. `temperature`: None, or one per token ([N, 1])."""
+    logits exist at once (SCORING_CHUNK_ELEMENTS without gradients): beyond that the head runs in chunks whose
+    logits are recomputed in backward instead of kept. `temperature`: None, or one per token ([N, 1])."""
     if torch.is_grad_enabled() and hidden.requires_grad and _frozen_linear(head):
         rows = max(1, SCORING_CHUNK_ELEMENTS // vocab_size)
         return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, temperature, rows)
@@ -260,7 +260,9 @@ def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
         logits = head(h).float()
         return F.cross_entropy(logits if t is None else logits / t, y, reduction="none")
 
-    rows = max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
+    # Without gradients nothing is recomputed, so the smaller scoring chunks cost nothing (validation's batches of
+    # 32 demo rows held ~400 MB of logits and log-softmax at once with the larger ones: the default job's peak).
+    rows = max(1, (LOGITS_CHUNK_ELEMENTS if torch.is_grad_enabled() else SCORING_CHUNK_ELEMENTS) // vocab_size)
     if hidden.shape[0] <= rows:
         return chunk_loss(hidden, labels, temperature)
     chunks = []
@@ -305,6 +307,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                     logits = logits.float() / temperature[part]
                 y = labels[part, None]
                 logprobs = torch.log_softmax(logits, -1, dtype=torch.float32)  # one pass, fp32 out
+                del logits  # before the cast of the probabilities below: two chunk-sized buffers at a time, not three
                 losses[part] = logprobs.gather(1, y).squeeze(1).neg()
                 probs = logprobs.exp_().scatter_add_(1, y, torch.full_like(y, -1, dtype=torch.float32))
                 if temperature is not None:

@@ -90,6 +90,22 @@ def test_chunked_head_gives_the_plain_loss_and_gradient(monkeypatch):
         torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
 
 
+def test_scoring_without_gradients_runs_the_head_in_scoring_chunks(monkeypatch):
+    """Without gradients the head's logits exist one scoring chunk at a time (SCORING_CHUNK_ELEMENTS, not the
+    larger LOGITS_CHUNK_ELEMENTS of a trained head's backward), with the same log-probs."""
+    model = make_model("llama")
+    batch = collate(_examples([30, 25, 18]), 0)
+    with torch.no_grad():
+        whole = token_logprobs(model, batch)
+    rows_seen: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    monkeypatch.setattr(loss_module, "SCORING_CHUNK_ELEMENTS", 3 * VOCAB)
+    with torch.no_grad():
+        chunked = token_logprobs(model, batch)
+    assert max(rows_seen) == 3 and sum(rows_seen) == whole.numel()
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_frozen_head_keeps_no_logits_and_gives_the_plain_gradients(arch, monkeypatch):
     """The frozen head's one node (loss._FrozenHeadCrossEntropy) against autograd over head + cross-entropy: the same
