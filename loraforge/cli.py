@@ -55,7 +55,12 @@ def _train(args: argparse.Namespace) -> int | None:
 
     result = train(config, console, keep_model=config.compare and config.finetune != "full")
     if result.rank != 0:  # torchrun: rank 0 compares and reports
-        return INTERRUPTED if result.stopped == "interrupted" else None
+        # Leave without running destructors: DDP's reducer, freed after the process group was destroyed, can
+        # deadlock (gloo's thread waits for the GIL to free a finished all-reduce while this thread, holding the
+        # GIL, joins it) — seen as a rank that never exits. Everything this rank wrote is closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED if result.stopped == "interrupted" else 0)
     if result.stopped == "interrupted":  # the user wants out: no comparison, no report
         console.print(f"interrupted at step {result.steps}; the run is checkpointed in {config.output}. Continue it "
                       f"with the same command and resume=true", markup=False)
