@@ -24,6 +24,7 @@ and the figures combined; the comparison after training runs on rank 0 alone.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -78,7 +79,13 @@ def join(device: torch.device, timeout_s: float) -> torch.device:
 
 
 def leave() -> None:
+    """Leave the process group once nothing holds its collectives (drop a DDP wrapper first). The barrier waits
+    without the GIL, so gloo's threads can free the tensors of the last collectives before the group's destructor
+    joins them while holding the GIL; the collection frees a wrapper caught in a reference cycle while the group
+    is still alive."""
     if active():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -375,5 +375,8 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
     console.print(f"done: {state.step} steps ({stopped}) in {result.seconds:.0f}s; {run.last(full).name} in "
                   f"{result.adapter}" + (f"; best on the validation sample: {stage.metric} {result.best_val_loss:.4f} "
                                          f"in {run.best}" if result.best_val_loss is not None else ""))
-    leave()  # the other ranks are done; rank 0 goes on to the comparison alone
+    # DDP's reducer goes while the process group lives (freed after it, it destroyed the group while holding the
+    # GIL that gloo's threads needed to finish: a rank that never exited); rank 0 then compares alone.
+    client = parallel = None
+    leave()
     return result
