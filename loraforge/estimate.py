@@ -173,8 +173,10 @@ def count_parameters(config, lora_config: LoraConfig) -> Parameters:
 
 # -- memory -----------------------------------------------------------------------------------------
 def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], r: int, dropout: float,
-                             seq_len: int, padded: bool = True) -> float:
-    """Activation elements autograd keeps per token, all decoder layers together. Counted op by op with
+                             seq_len: int, padded: bool = True) -> tuple[float, float]:
+    """Activation elements autograd keeps per token, all decoder layers together: (all of them, those of the
+    residual stream — the RMSNorm inputs, 2h a layer —, which stay in the weights' dtype under autocast while the
+    rest is in the compute dtype). Counted op by op with
     torch.autograd.graph.saved_tensors_hooks on transformers' Llama (SDPA attention), per layer:
 
     - whenever gradient flows through a layer: both RMSNorm inputs (2h); q after RoPE, k, v and the attention
@@ -193,7 +195,7 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
     mlp = arch.intermediate * arch.experts_per_token
     per_layer = 2 * h + 2 * q + 2 * kv + 3 * mlp + (seq_len if padded else 0)
     if mode == "full":
-        return arch.layers * (per_layer + 4 * h + mlp)
+        return arch.layers * (per_layer + 4 * h + mlp), arch.layers * 2 * h
     first_layer, extra, inputs = arch.layers, 0.0, {}
     for name in adapted:
         layer = layer_index(name, None)
@@ -212,7 +214,8 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
         for name in adapted:
             projections.setdefault(layer_index(name, None), set()).add(name.rpartition(".")[2])
         fused_mlps = sum(1 for found in projections.values() if {"gate_proj", "up_proj", "down_proj"} <= found)
-    return (arch.layers - first_layer) * per_layer + extra + sum(inputs.values()) - fused_mlps * 2 * mlp
+    layers = arch.layers - first_layer
+    return layers * per_layer + extra + sum(inputs.values()) - fused_mlps * 2 * mlp, layers * 2 * h
 
 
 @dataclass
@@ -266,15 +269,15 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         logit_rows = min(targets, max(1, SCORING_CHUNK_ELEMENTS // arch.vocab))
         logits = FROZEN_HEAD_LOGIT_BUFFERS * logit_rows * arch.vocab * 4
     kind = "full" if full else "lora"
-    layers = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len)
+    layers, stream = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len)
     # Outside the layers: the final norm (its input; full fine-tuning also its two outputs) and one hidden-sized row
     # per target (a trained head's input; a frozen head's input gradient).
     outside = tokens * (3 * arch.hidden if full else arch.hidden) + targets * arch.hidden
-    act_bytes = DTYPE_BYTES[activation_dtype]
-    plain = (tokens * layers + outside) * act_bytes
-    # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
-    one_layer = tokens * layers / arch.layers * act_bytes
-    checkpointed = (tokens * arch.layers * arch.hidden + outside) * act_bytes + one_layer
+    act_bytes, stream_bytes = DTYPE_BYTES[activation_dtype], DTYPE_BYTES[dtype]
+    layer_bytes = tokens * ((layers - stream) * act_bytes + stream * stream_bytes)  # the residual stream: as loaded
+    plain = layer_bytes + outside * act_bytes
+    # Checkpointing keeps each layer's input (the residual stream) and recomputes one layer at a time in backward.
+    checkpointed = tokens * arch.layers * arch.hidden * stream_bytes + outside * act_bytes + layer_bytes / arch.layers
     # An adapted expert tensor is used as W0 + ΔW, built in the weights' dtype and kept for backward.
     materialized = 0 if full else params.adapter.materialized * weight_bytes
     activations = (checkpointed if checkpointing else plain) + materialized
@@ -419,12 +422,10 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
 
     from loraforge.evaluate import PeakMemory
     from loraforge.loss import causal_lm_loss
-    from loraforge.lora import DEFAULT_ADAPTER, LoraModel
-    from loraforge.models import enable_gradient_checkpointing
     from loraforge.optim import build_optimizer, build_scheduler
     from loraforge.train.client import TrainingClient
+    from loraforge.train.loop import build_trainee
     from loraforge.train.step import train_step
-    from loraforge.train.trainee import AdapterTrainee, FullModelTrainee
 
     def sync() -> None:
         if device.type == "cuda":
@@ -435,13 +436,16 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
     batch = _random_batch(est, model_config.vocab_size, device)
     _release_memory(device)
     baseline = memory_in_use(device)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype_named(est.dtype)).to(device)
+    model.train()
+    # As `train` builds it: the frozen weights' storage dtype and the checkpointing the estimate assumed.
+    shaped = config.model_copy(update={"finetune": "full" if mode == "full" else "lora",
+                                       "gradient_checkpointing": est.checkpointing})
+    trainee = build_trainee(shaped, model, None, 2, amp_dtype, lambda line: None)
+    # The steps' peak above the process before the model: the weights as kept, not the set-up's transient (weights
+    # narrowed from the dtype they were built in), which the estimate does not price.
+    _release_memory(device)
     with PeakMemory(device) as peak:
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype_named(est.dtype)).to(device)
-        trainee = (AdapterTrainee(LoraModel(model, config.lora), DEFAULT_ADAPTER) if mode == "lora"
-                   else FullModelTrainee(model, tokenizer=None))
-        model.train()
-        if est.checkpointing:
-            enable_gradient_checkpointing(model)
         optimizer = build_optimizer(trainee.parameter_groups(config), config)
         scheduler = build_scheduler(optimizer, config, 2)
         client = TrainingClient(trainee, optimizer, scheduler, scaler=grad_scaler_for(device, amp_dtype),
@@ -546,6 +550,14 @@ def _run(args: argparse.Namespace) -> None:
 
     config = load_train_config(args.config_file, [f"model={args.model}", *args.overrides])
     model_config = load_model_config(args.model)
+    precision_note = None
+    if config.precision == "auto":  # what `train` would pick here: the bytes of the weights and activations follow
+        from loraforge.hardware import resolve_precision
+
+        device, precision = resolve_precision(config)
+        config = config.model_copy(update={"precision": precision.name})
+        precision_note = (f"precision=auto is {precision.name} on this machine's {device.type} ({precision.why}); "
+                          "set precision= to estimate another device")
     # The token and information figures are SFT's; DPO and GRPO count one bit per pair / episode (said at train time).
     data = _data_figures(args.model, config) if config.data.path and config.stage == "sft" else None
     fraction = args.target_fraction or (data["target_tokens"] / data["tokens"] if data else 1.0)
@@ -563,10 +575,12 @@ def _run(args: argparse.Namespace) -> None:
         rates = {"this machine (measured)": calibration[0]["tflops"], **rates}
     if args.json:
         print(json.dumps({"estimate": est.to_dict(), "data": data, "advice": [asdict(a) for a in advice],
-                          "calibration": calibration}, indent=1))
+                          "calibration": calibration, "precision": config.precision}, indent=1))
         return
     console = make_console()
     _print_estimate(est, console, rates, tokens)
+    if precision_note:
+        console.print(f"[dim]{precision_note}[/]")
     if data:
         console.print(f"data: {data['examples']} training conversations, {data['tokens']:,} tokens "
                       f"({data['target_tokens']:,} with loss)")
