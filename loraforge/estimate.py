@@ -424,7 +424,7 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
     from loraforge.loss import causal_lm_loss
     from loraforge.optim import build_optimizer, build_scheduler
     from loraforge.train.client import TrainingClient
-    from loraforge.train.loop import build_trainee
+    from loraforge.train.trainee import build_trainee
     from loraforge.train.step import train_step
 
     def sync() -> None:

@@ -17,6 +17,15 @@ def release_checkpoint_mapping(model: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
+@torch.no_grad()
+def narrow_in_place(weight: torch.Tensor, dtype: torch.dtype) -> int:
+    """Store `weight` in `dtype`, keeping the tensor (a Parameter stays the module's, with its hooks and ties):
+    its data is replaced by the narrowed copy. Returns the bytes saved."""
+    saved = weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
+    weight.data = weight.data.to(dtype)
+    return saved
+
+
 def frozen_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The frozen float weights of the input embedding and the output head, each once (a tied head shares the
     embedding's), where the module is the plain torch one: a wrapped module (LoRA on it, modules_to_save) or a
@@ -43,9 +52,8 @@ def store_embeddings_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
     for weight in frozen_embedding_weights(model):
         if weight.dtype == dtype:
             continue
-        saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
         wide = weight.dtype
-        weight.data = weight.data.to(dtype)
+        saved += narrow_in_place(weight, dtype)
         if getattr(embedding, "weight", None) is weight:
             embedding.register_forward_hook(lambda module, args, rows, wide=wide: rows.to(wide))
         if getattr(head, "weight", None) is weight:

@@ -276,12 +276,13 @@ def test_the_frozen_embedding_is_kept_in_the_dtype_the_run_computes_in(precision
     from conftest import make_model
 
     from loraforge.hardware import DTYPES
+    from loraforge.train.trainee import build_trainee
 
     model = make_model("gpt2")
     said: list[str] = []
     config = TrainConfig(lora={"targets": "all-linear"}, precision=precision, base_dtype=base_dtype)
     amp_dtype = None if precision == "fp32" else DTYPES[precision]
-    loop_module.build_trainee(config, model, None, 1, amp_dtype, said.append)
+    build_trainee(config, model, None, 1, amp_dtype, said.append)
     embedding = model.get_input_embeddings().weight
     assert embedding.dtype == (torch.bfloat16 if narrowed else torch.float32)
     assert model.get_output_embeddings().weight is embedding

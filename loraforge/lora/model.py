@@ -26,6 +26,7 @@ from loraforge.lora.layers import LoraLayer, LoraLinear, LoraParameter, ModulesT
 from loraforge.lora.method_table import method
 from loraforge.lora.targeting import base_modules, find_targets, pattern_value, unwrap
 from loraforge.lora.variants import variants_for
+from loraforge.memory import narrow_in_place
 
 DEFAULT_ADAPTER = "default"
 class LoraModel(nn.Module):
@@ -340,8 +341,7 @@ class LoraModel(nn.Module):
                 continue
             weight = layer.base_weight
             if weight.is_floating_point() and not weight.requires_grad and weight.dtype != dtype:
-                saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
-                weight.data = weight.data.to(dtype)
+                saved += narrow_in_place(weight, dtype)
         return saved
 
     def trainable_parameters(self) -> tuple[int, int]:

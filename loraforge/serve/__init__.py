@@ -18,11 +18,15 @@ import argparse
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from loraforge.hardware import TORCH_NAMES, dtype_named
-from loraforge.serve.api import Limits, Server
+from loraforge.serve.protocol import Limits
+
+if TYPE_CHECKING:  # the HTTP app (FastAPI) is imported by what serves, not by every command that names `serve`
+    from loraforge.serve.api import Server
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -34,6 +38,7 @@ def build_server(base: str, adapters_dir: str | Path, *, device: str = "auto", d
     """Load the base model and wire engine, adapter registry and limits together (no adapter is loaded yet)."""
     from loraforge.lora import LoraModel
     from loraforge.models import DEFAULT_MODEL, is_default_model, load_model
+    from loraforge.serve.api import Server
     from loraforge.serve.engine import Engine
     from loraforge.serve.registry import AdapterRegistry
 

@@ -30,21 +30,10 @@ from loraforge.data import prompt_ids
 from loraforge.errors import AdapterError, AdapterFileError, LoraforgeError
 import loraforge.serve.protocol as wire
 from loraforge.serve.engine import Delta, Engine, Event, Failed, Finished, Generation, SamplingParams
-from loraforge.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, GenerationRequest
+from loraforge.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, GenerationRequest, Limits
 from loraforge.serve.registry import AdapterBusy, AdapterNotFound, AdapterRegistry, InvalidAdapterName
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps on what one request may ask, and on requests in flight (waiting or generating)."""
-
-    max_tokens: int = 1024
-    default_max_tokens: int = 256  # when a request names none, as `loraforge chat`
-    max_n: int = 4  # choices per request (prompts × n)
-    max_body_bytes: int = 1 << 20
-    max_concurrent: int = 256
 
 
 @dataclass

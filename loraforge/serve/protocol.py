@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,17 @@ from loraforge.errors import LoraforgeError
 from loraforge.serve.engine import Finished
 
 MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what one request may ask, and on requests in flight (waiting or generating)."""
+
+    max_tokens: int = 1024
+    default_max_tokens: int = 256  # when a request names none, as `loraforge chat`
+    max_n: int = 4  # choices per request (prompts × n)
+    max_body_bytes: int = 1 << 20
+    max_concurrent: int = 256
 
 
 class ApiError(LoraforgeError):

@@ -37,10 +37,9 @@ from loraforge.distributed import (active, any_rank, is_main, join, leave, lost_
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.estimate import checkpointing_needed, free_memory
 from loraforge.hardware import (COMPACT_THRESHOLD, LARGE_BLOCK_THRESHOLD, autocast_dtype, autocast_for,
-                                compact_cpu_allocator, frozen_storage_dtype, grad_scaler_for, resolve_precision)
-from loraforge.lora import DEFAULT_ADAPTER, LoraModel
-from loraforge.memory import release_checkpoint_mapping, store_embeddings_in
-from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model, load_model
+                                compact_cpu_allocator, grad_scaler_for, resolve_precision)
+from loraforge.lora import LoraModel
+from loraforge.models import load_model
 from loraforge.optim import build_optimizer, build_scheduler
 from loraforge.train.checkpoint import load_checkpoint, save_checkpoint, stage_tensors
 from loraforge.train.client import LogprobsModule, TrainingClient
@@ -50,7 +49,7 @@ from loraforge.train.stage import Stage, examples_per_step, total_steps, validat
 from loraforge.train.stages import stage_for
 from loraforge.train.state import TrainingState
 from loraforge.train.step import train_step
-from loraforge.train.trainee import AdapterTrainee, FullModelTrainee, Trainee
+from loraforge.train.trainee import AdapterTrainee, build_trainee
 
 
 @dataclass
@@ -135,32 +134,6 @@ def resolve_checkpointing(config: TrainConfig, model_config, device: torch.devic
     on = any_rank(needed)
     say(f"gradient checkpointing {'on' if on else 'off'} (auto: {why})")
     return config.model_copy(update={"gradient_checkpointing": on})
-
-
-def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
-                  amp_dtype: torch.dtype | None, say: Callable[[str], None]) -> Trainee:
-    if config.finetune == "full":
-        trainee = FullModelTrainee(model, tokenizer)
-    else:
-        base_name = DEFAULT_MODEL_HUB_ID if is_default_model(config.model) else config.model
-        lora_config = config.lora.model_copy(update={"base_model_name_or_path": base_name})
-        if lora_config.method == "adalora" and lora_config.adalora.total_step is None:
-            lora_config.adalora = lora_config.adalora.model_copy(update={"total_step": steps})
-        lora = LoraModel(model, lora_config)
-        lora.train()
-        trainee = AdapterTrainee(lora, DEFAULT_ADAPTER)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    storage = frozen_storage_dtype(config, amp_dtype)
-    if storage is not None and isinstance(trainee, AdapterTrainee):
-        saved = trainee.lora.store_frozen_weights(storage)
-        # The embedding and head only in the dtype the run computes in: else every step would widen the head.
-        embeddings = store_embeddings_in(model, storage) if storage == amp_dtype else 0
-        release_checkpoint_mapping(model)  # else the fp32 file stays resident behind the norms' views
-        if saved or embeddings:
-            say(f"frozen weights kept in {str(storage).removeprefix('torch.')}: adapted layers' {saved / 2**20:,.0f} MB "
-                f"saved" + (f", embedding and head's {embeddings / 2**20:,.0f} MB" if embeddings else ""))
-    return trainee
 
 
 def _open_run(config: TrainConfig, console: Console) -> str | None:

@@ -7,7 +7,7 @@ a user gets at the end.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -16,8 +16,11 @@ from torch import nn
 
 from loraforge.config import TrainConfig
 from loraforge.errors import TrainingError
-from loraforge.lora import LoraModel
+from loraforge.hardware import frozen_storage_dtype
+from loraforge.lora import DEFAULT_ADAPTER, LoraModel
 from loraforge.lora.files import adapter_state
+from loraforge.memory import release_checkpoint_mapping, store_embeddings_in
+from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model
 from loraforge.optim import parameter_groups
 
 CONTROLLER_PREFIX = "controller."
@@ -146,3 +149,30 @@ class FullModelTrainee:
     def describe(self) -> str:
         return f"full fine-tuning: {sum(p.numel() for p in self.trainable()):,} trainable parameters"
 
+
+def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
+                  amp_dtype: torch.dtype | None, say: Callable[[str], None]) -> Trainee:
+    """What trains, as the config says: the adapter (or the whole model), gradient checkpointing, and the frozen
+    weights' storage dtype (base_dtype), with the memory map of the checkpoint released."""
+    if config.finetune == "full":
+        trainee = FullModelTrainee(model, tokenizer)
+    else:
+        base_name = DEFAULT_MODEL_HUB_ID if is_default_model(config.model) else config.model
+        lora_config = config.lora.model_copy(update={"base_model_name_or_path": base_name})
+        if lora_config.method == "adalora" and lora_config.adalora.total_step is None:
+            lora_config.adalora = lora_config.adalora.model_copy(update={"total_step": steps})
+        lora = LoraModel(model, lora_config)
+        lora.train()
+        trainee = AdapterTrainee(lora, DEFAULT_ADAPTER)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    storage = frozen_storage_dtype(config, amp_dtype)
+    if storage is not None and isinstance(trainee, AdapterTrainee):
+        saved = trainee.lora.store_frozen_weights(storage)
+        # The embedding and head only in the dtype the run computes in: else every step would widen the head.
+        embeddings = store_embeddings_in(model, storage) if storage == amp_dtype else 0
+        release_checkpoint_mapping(model)  # else the fp32 file stays resident behind the norms' views
+        if saved or embeddings:
+            say(f"frozen weights kept in {str(storage).removeprefix('torch.')}: adapted layers' {saved / 2**20:,.0f} MB "
+                f"saved" + (f", embedding and head's {embeddings / 2**20:,.0f} MB" if embeddings else ""))
+    return trainee
