@@ -424,8 +424,8 @@ def _measure(est: Estimate, model_config, config: TrainConfig, mode: str, device
     from loraforge.loss import causal_lm_loss
     from loraforge.optim import build_optimizer, build_scheduler
     from loraforge.train.client import TrainingClient
-    from loraforge.train.trainee import build_trainee
     from loraforge.train.step import train_step
+    from loraforge.train.trainee import build_trainee
 
     def sync() -> None:
         if device.type == "cuda":
