@@ -4,7 +4,7 @@
     batch.py     the running batch's left-padded KV cache: rows join after prefill, leave when done
     text.py      token ids to text, streamed in pieces, with stop strings
     registry.py  adapters by name from one folder: path safety, lazy loading, LRU residency
-    protocol.py  OpenAI request/response bodies
+    protocol.py  OpenAI request/response bodies, and the limits on what a request may ask
     api.py       the FastAPI app: routes, authentication, limits, JSON errors
 
     from loraforge.serve import build_server

@@ -1,4 +1,5 @@
-"""The OpenAI wire format: request bodies (validated by pydantic) and the JSON the server answers with.
+"""The OpenAI wire format: request bodies (validated by pydantic), the limits on what one may ask, and the JSON
+the server answers with.
 
 Only what the server implements is accepted: an unknown field is a 400 naming it, not silently ignored.
 """
