@@ -136,6 +136,27 @@ def test_nan_k_times_in_a_row_stops_with_a_clear_error(tiny_model_dir, small_dat
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
 
 
+def test_a_lost_peer_anywhere_in_the_loop_ends_with_the_clear_error(tiny_model_dir, small_data, tmp_path,
+                                                                    monkeypatch):
+    """The collective that times out when another rank hangs may be the stop poll after a step, not the step's own
+    (the two-process test stops a rank at a random moment): either way the job says what happened."""
+    from loraforge.train import loop as loop_module
+
+    polls = []
+
+    def poll_that_times_out(flag: bool) -> bool:
+        polls.append(flag)
+        if len(polls) == 4:  # the auto-checkpointing decision's, then the polls after steps 1, 2 and 3
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read timeout [127.0.0.1]:1234")
+        return flag
+
+    monkeypatch.setattr(loop_module, "any_rank", poll_that_times_out)
+    monkeypatch.setattr(loop_module, "lost_peer", lambda error: "gloo" in str(error))  # as under torchrun
+    with pytest.raises(TrainingError, match="the other ranks stopped answering after step 3 .*Read timeout"):
+        train(_config(tiny_model_dir, small_data, tmp_path, "save_every=2"))
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
+
+
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, small_data, tmp_path, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # best at the 2nd evaluation, then two without improvement
     saved_at = []

@@ -18,8 +18,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +71,21 @@ class TrainResult:
     val_metric: str = "loss"  # what final_val_loss / best_val_loss hold: the loss, or for grpo the reward
     world_size: int = 1  # processes that trained together (torchrun)
     rank: int = 0  # this process's rank among them: only rank 0 compares and reports after training
+
+
+@contextmanager
+def peers_answering(config: TrainConfig, run: RunFolder, state: TrainingState) -> Iterator[None]:
+    """A collective that failed because another rank died or hung past distributed.timeout_s — in a step, the
+    stop poll after it, validation or a checkpoint's gathering — ends the job with what happened and what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        raise TrainingError(
+            f"rank {rank()}: the other ranks stopped answering after step {state.step} (a rank died, or hung longer "
+            f"than distributed.timeout_s={config.distributed.timeout_s:g}): {str(error).strip().splitlines()[0]}. "
+            f"The last complete checkpoint in {run.checkpoints} is intact; continue with resume=true") from error
 
 
 class StopRequest:
@@ -255,21 +270,13 @@ def train(config: TrainConfig, console: Console | None = None, keep_model: bool 
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     stopped, losses = "max_steps", []
     per_step, n_train = examples_per_step(config), len(data.train)
-    with StopRequest() as stop, Progress(*columns, console=console, transient=False) as progress:
+    with StopRequest() as stop, Progress(*columns, console=console, transient=False) as progress, \
+            peers_answering(config, run, state):
         bar = progress.add_task("train", total=steps, completed=state.step, loss="-", lr="-", speed="-")
         while state.step < steps:
             tick = time.perf_counter()
             step_seed(config.seed, state.step)
-            try:
-                result = train_step(client, stage.micro_batches(client, state), stage.objective)
-            except RuntimeError as error:
-                if not lost_peer(error):
-                    raise
-                raise TrainingError(
-                    f"rank {rank()}: the other ranks stopped answering at step {state.step + 1} (a rank died, or hung "
-                    f"longer than distributed.timeout_s={config.distributed.timeout_s:g}): "
-                    f"{str(error).strip().splitlines()[0]}. The last complete checkpoint in {run.checkpoints} is "
-                    "intact; continue with resume=true") from error
+            result = train_step(client, stage.micro_batches(client, state), stage.objective)
             if result.applied:
                 if sft and state.consumed - per_step < n_train:  # this step started inside the first epoch
                     state.first_epoch_nats += result.loss * result.targets
