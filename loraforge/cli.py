@@ -55,9 +55,9 @@ def _train(args: argparse.Namespace) -> int | None:
 
     result = train(config, console, keep_model=config.compare and config.finetune != "full")
     if result.rank != 0:  # torchrun: rank 0 compares and reports
-        # Leave without running destructors: DDP's reducer, freed after the process group was destroyed, can
-        # deadlock (gloo's thread waits for the GIL to free a finished all-reduce while this thread, holding the
-        # GIL, joins it) — seen as a rank that never exits. Everything this rank wrote is closed by now.
+        # Leave without running destructors: a second guard against the teardown deadlock distributed.leave()
+        # orders around (gloo's thread waiting for the GIL to free a finished collective while this thread, holding
+        # the GIL, joins it — seen as a rank that never exits). Everything this rank wrote is closed by now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED if result.stopped == "interrupted" else 0)

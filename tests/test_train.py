@@ -140,8 +140,6 @@ def test_a_lost_peer_anywhere_in_the_loop_ends_with_the_clear_error(tiny_model_d
                                                                     monkeypatch):
     """The collective that times out when another rank hangs may be the stop poll after a step, not the step's own
     (the two-process test stops a rank at a random moment): either way the job says what happened."""
-    from loraforge.train import loop as loop_module
-
     polls = []
 
     def poll_that_times_out(flag: bool) -> bool:
