@@ -152,6 +152,7 @@ def validation_loss(args) -> dict:
 
 def micro(args) -> dict:
     """Median seconds of: the bound (frozen forward + backward to activations), a LoRA step, a full step."""
+    from loraforge.attention import use_short_row_attention
     from loraforge.config import LoraConfig, TrainConfig
     from loraforge.loss import causal_lm_loss
     from loraforge.lora import LoraModel
@@ -180,6 +181,7 @@ def micro(args) -> dict:
 
     for p in model.parameters():
         p.requires_grad_(False)
+    use_short_row_attention(model)  # the attention training runs (train/trainee.py)
     embed = model.get_input_embeddings()
 
     def bound():

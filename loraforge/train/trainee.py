@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from loraforge.attention import use_short_row_attention
 from loraforge.config import TrainConfig
 from loraforge.errors import TrainingError
 from loraforge.hardware import frozen_storage_dtype
@@ -153,7 +154,9 @@ class FullModelTrainee:
 def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps: int,
                   amp_dtype: torch.dtype | None, say: Callable[[str], None]) -> Trainee:
     """What trains, as the config says: the adapter (or the whole model), gradient checkpointing, and the frozen
-    weights' storage dtype (base_dtype), with the memory map of the checkpoint released."""
+    weights' storage dtype (base_dtype), with the memory map of the checkpoint released. Attention in training
+    takes the short-row path where it is the faster (a CPU, short rows; attention.py), sdpa elsewhere."""
+    use_short_row_attention(model)
     if config.finetune == "full":
         trainee = FullModelTrainee(model, tokenizer)
     else:
