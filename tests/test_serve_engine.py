@@ -204,3 +204,49 @@ def test_rows_that_bring_their_kv_cache_skip_the_prefill_and_answer_as_offline(s
     _run_until_done(engine, generations)
     for (adapter, messages, max_tokens, _), row_events in zip(plan, events):
         assert _final(row_events).text == offline_answer(reference, adapter, messages, max_tokens)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_engine_cache_appends_in_place_and_holds_what_attention_reads(autocast):
+    """RoomyLayer: a decode step writes into spare room (the buffer is not copied), and the keys/values equal
+    DynamicCache's — stored in the dtype attention computes in (under bf16 autocast: DynamicCache's fp32 keys
+    rounded to bf16, the same cast attention applies) — and so do the logits."""
+    import torch
+    from transformers import DynamicCache
+
+    from conftest import make_model
+    from loraforge.serve.batch import RoomyLayer, cache_keyword, decode_cache
+
+    model = make_model("llama")
+    keyword = cache_keyword(model)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    roomy, plain = decode_cache(model.config), DynamicCache(config=model.config)
+    assert all(isinstance(layer, RoomyLayer) for layer in roomy.layers)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = [model(input_ids=ids, use_cache=True, **{keyword: c}).logits for c in (roomy, plain)]
+        buffers = [layer.keys.data_ptr() for layer in roomy.layers]
+        for step in range(3):
+            token = logits[0][:, -1:].argmax(-1)
+            logits = [model(input_ids=token, use_cache=True, **{keyword: c}).logits for c in (roomy, plain)]
+            torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+    assert [layer.keys.data_ptr() for layer in roomy.layers] == buffers  # appended in place, never moved
+    for mine, theirs in zip(roomy.layers, plain.layers):
+        assert mine.keys.shape == theirs.keys.shape == (2, 2, 8, 8) and mine.keys.dtype == dtype
+        assert torch.equal(mine.keys, theirs.keys.to(dtype)) and torch.equal(mine.values, theirs.values.to(dtype))
+
+
+def test_the_engine_cache_takes_views_the_batch_replaced():
+    """Rows leaving (RunningBatch.keep) or joining replace a layer's keys with new tensors: the next token lands
+    after them, in a fresh buffer."""
+    import torch
+
+    from loraforge.serve.batch import RoomyLayer
+
+    layer = RoomyLayer()
+    first = torch.randn(3, 2, 4, 8)
+    layer.update(first, first)
+    layer.keys, layer.values = layer.keys[[0, 2], :, 1:], layer.values[[0, 2], :, 1:]
+    token = torch.randn(2, 2, 1, 8)
+    keys, values = layer.update(token, token)
+    assert torch.equal(keys, torch.cat([first[[0, 2], :, 1:], token], dim=2)) and torch.equal(values, keys)

@@ -48,6 +48,52 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class RoomyLayer(DynamicLayer):
+    """A full-attention layer's keys and values as views into buffers with room to grow. transformers' DynamicLayer
+    concatenates the whole cache with each decode step's token (every step copies every layer's cache), and under
+    autocast on a CPU keeps it in fp32 (RoPE's fp32 cos/sin widen k), which attention casts to the autocast dtype
+    again at every step. Here a step writes its token into the spare room, and the cache is stored in the dtype
+    attention computes in — the same rounding autocast would apply, so the same numbers. A buffer is remade (with
+    room for as many tokens again) when full, or when the batch replaced the views (rows joined or left)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        device = key_states.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else key_states.dtype
+        self.keys = self._append("keys", self.keys, key_states.to(dtype))
+        self.values = self._append("values", self.values, value_states.to(dtype))
+        return self.keys, self.values
+
+    def _append(self, part: str, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        length = cached.shape[-2] if cached.numel() else 0
+        total = length + new.shape[-2]
+        buffer = self.buffers.get(part)
+        in_place = (buffer is not None and cached.numel() and cached.data_ptr() == buffer.data_ptr()
+                    and cached.shape[:2] == buffer.shape[:2] and cached.stride() == buffer.stride()
+                    and buffer.dtype == new.dtype and buffer.shape[-2] >= total)
+        if not in_place:
+            batch, heads, _, dim = new.shape
+            buffer = new.new_empty(batch, heads, max(2 * total, 16), dim)
+            if length:
+                buffer[:, :, :length].copy_(cached)
+            self.buffers[part] = buffer
+        buffer[:, :, length:total].copy_(new)
+        return buffer[:, :, :total]
+
+
+def decode_cache(config) -> DynamicCache:
+    """A KV cache for the engine's batches: transformers' DynamicCache with RoomyLayer layers."""
+    cache = DynamicCache(config=config)
+    cache.layers = [RoomyLayer() for _ in cache.layers]
+    return cache
+
+
 def check_full_attention(config) -> None:
     """Refuse models whose KV cache is more than keys and values per layer: joining and trimming rows edit those
     tensors directly, which sliding-window and linear-attention layers (they keep more state) would not survive."""

@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel
-from loraforge.serve.batch import (RunningBatch, cache_keyword, check_full_attention, left_padded,
+from loraforge.serve.batch import (RunningBatch, cache_keyword, check_full_attention, decode_cache, left_padded,
                                    left_padding_mask, pad_left, positions_of)
 from loraforge.serve.text import TextStream
 
@@ -260,7 +260,7 @@ class Engine:
         unique = list(dict.fromkeys(keys))
         first = {key: i for i, key in enumerate(unique)}
         ids, mask = left_padded([list(key[0]) for key in unique], self.pad_id, self.device)
-        cache = DynamicCache(config=self.lora.model.config)
+        cache = decode_cache(self.lora.model.config)
         extra = dict(logits_to_keep=1) if self._last_logits_only else {}
         with self.model_lock:
             out = self.lora(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
@@ -281,7 +281,7 @@ class Engine:
         """Rows that bring their own KV cache: left-padded to one length and joined, no forward pass."""
         lengths = [g.prefilled[0][0].shape[1] for g in generations]
         longest = max(lengths)
-        cache = DynamicCache(config=self.lora.model.config)
+        cache = decode_cache(self.lora.model.config)
         for layer in range(len(generations[0].prefilled)):
             keys, values = (torch.stack([pad_left(g.prefilled[layer][part], longest, dim=1) for g in generations])
                             for part in (0, 1))
