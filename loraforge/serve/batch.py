@@ -48,13 +48,18 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# Token positions of spare room a RoomyLayer buffer is made with: one copy of the cache per ROOM decode steps
+# (transformers' layer copies it at every step), for at most ROOM positions a row unused.
+ROOM = 32
+
+
 class RoomyLayer(DynamicLayer):
     """A full-attention layer's keys and values as views into buffers with room to grow. transformers' DynamicLayer
     concatenates the whole cache with each decode step's token (every step copies every layer's cache), and under
     autocast on a CPU keeps it in fp32 (RoPE's fp32 cos/sin widen k), which attention casts to the autocast dtype
     again at every step. Here a step writes its token into the spare room, and the cache is stored in the dtype
     attention computes in — the same rounding autocast would apply, so the same numbers. A buffer is remade (with
-    room for as many tokens again) when full, or when the batch replaced the views (rows joined or left)."""
+    ROOM positions to spare) when full, or when the batch replaced the views (rows joined or left)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -79,7 +84,7 @@ class RoomyLayer(DynamicLayer):
                     and buffer.dtype == new.dtype and buffer.shape[-2] >= total)
         if not in_place:
             batch, heads, _, dim = new.shape
-            buffer = new.new_empty(batch, heads, max(2 * total, 16), dim)
+            buffer = new.new_empty(batch, heads, total + ROOM, dim)
             if length:
                 buffer[:, :, :length].copy_(cached)
             self.buffers[part] = buffer
