@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from loraforge import LoraConfig, LoraModel, attention
 from loraforge.attention import NAME, short_row_attention_forward, use_short_row_attention
@@ -27,6 +27,14 @@ def _padded_mask(batch, q_len, k_len):
     return mask
 
 
+def _count_explicit_calls(monkeypatch) -> list:
+    """A list that gets an entry each time the explicit path runs."""
+    taken = []
+    original = attention._ShortRowAttention.apply
+    monkeypatch.setattr(attention._ShortRowAttention, "apply", lambda *a: taken.append(1) or original(*a))
+    return taken
+
+
 def _module(groups):
     return types.SimpleNamespace(num_key_value_groups=groups, is_causal=True)
 
@@ -39,22 +47,15 @@ def _values_and_grads(forward, q, k, v, mask, grad):
 
 
 @pytest.mark.parametrize("mask_kind", ["padded, cached prefix", "causal, none given", "float bias"])
-def test_equals_sdpa_in_values_and_gradients(mask_kind):
+def test_equals_sdpa_in_values_and_gradients(mask_kind, monkeypatch):
     q_len, k_len = (9, 13) if mask_kind == "padded, cached prefix" else (9, 9)
     q, k, v = _qkv(q_len=q_len, k_len=k_len)
     mask = None if mask_kind == "causal, none given" else _padded_mask(3, q_len, k_len)
     if mask_kind == "float bias":
         mask = torch.zeros(mask.shape).masked_fill(~mask, -1e4) + torch.randn(mask.shape)
     grad = torch.randn(3, q_len, 6, 8)
-    taken = []
-    original = attention._ShortRowAttention.apply
-    attention._ShortRowAttention.apply = lambda *a: taken.append(1) or original(*a)
-    try:
-        ours = _values_and_grads(short_row_attention_forward, q, k, v, mask, grad)
-    finally:
-        attention._ShortRowAttention.apply = original
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    taken = _count_explicit_calls(monkeypatch)
+    ours = _values_and_grads(short_row_attention_forward, q, k, v, mask, grad)
     theirs = _values_and_grads(sdpa_attention_forward, q, k, v, mask, grad)
     assert taken == [1]
     for got, want in zip(ours, theirs):
@@ -63,8 +64,6 @@ def test_equals_sdpa_in_values_and_gradients(mask_kind):
 
 def test_under_bf16_autocast_it_is_as_close_to_exact_as_sdpa():
     """Inputs cast to bf16 as autocast casts sdpa's; scores and softmax in fp32. Measured against float64."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     q, k, v = _qkv(batch=4, heads=9, kv_heads=3, q_len=20, k_len=30, dim=16, dtype=torch.bfloat16)
     mask = _padded_mask(4, 20, 30)
     grad = torch.randn(4, 20, 9, 16).bfloat16()
@@ -81,8 +80,6 @@ def test_under_bf16_autocast_it_is_as_close_to_exact_as_sdpa():
 
 
 def test_keeps_no_repeated_keys_and_values_for_backward():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     q, k, v = _qkv(batch=4, heads=12, kv_heads=2, q_len=16, k_len=16, dim=16)
     mask = _padded_mask(4, 16, 16)
 
@@ -115,7 +112,7 @@ def test_hands_back_to_sdpa_where_it_would_not_pay(case, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
-def test_a_model_switched_to_it_trains_as_with_sdpa(arch):
+def test_a_model_switched_to_it_trains_as_with_sdpa(arch, monkeypatch):
     """Logits and every adapter gradient of a padded batch, before and after the switch (fp32)."""
     from conftest import make_inputs, make_model, perturb
 
@@ -136,13 +133,8 @@ def test_a_model_switched_to_it_trains_as_with_sdpa(arch):
 
     plain = logits_and_grads()
     assert use_short_row_attention(lora.model) and lora.model.config._attn_implementation == NAME
-    taken = []
-    original = attention._ShortRowAttention.apply
-    attention._ShortRowAttention.apply = lambda *a: taken.append(1) or original(*a)
-    try:
-        switched = logits_and_grads()
-    finally:
-        attention._ShortRowAttention.apply = original
+    taken = _count_explicit_calls(monkeypatch)
+    switched = logits_and_grads()
     assert len(taken) == lora.model.config.get_text_config().num_hidden_layers
     real = padding.bool()
     torch.testing.assert_close(switched[0][real], plain[0][real], atol=1e-5, rtol=1e-5)
