@@ -1,5 +1,9 @@
 """loraforge: LoRA fine-tuning — train, evaluate, merge and serve low-rank adapters."""
 
+from loraforge.hardware import bound_onednn_caches
+
+bound_onednn_caches()  # before any matmul of this process: oneDNN and ideep read their capacity once
+
 from loraforge.config import LoraConfig
 from loraforge.errors import (AdapterError, AdapterFileError, ConfigError, LoraforgeError, MergeError,
                               QuantizationError, TrainingError)

@@ -46,7 +46,7 @@ from loraforge.config import LoraConfig, TrainConfig, load_train_config
 from loraforge.console import make_console
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.hardware import autocast_for, compact_cpu_allocator, dtype_named, grad_scaler_for, trim_cpu_heap
-from loraforge.loss import LOGITS_CHUNK_ELEMENTS, SCORING_CHUNK_ELEMENTS
+from loraforge.loss import FROZEN_HEAD_CHUNK_ELEMENTS, LOGITS_CHUNK_ELEMENTS
 from loraforge.lora.fused_mlp import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
 from loraforge.memory import frozen_embedding_weights
@@ -266,7 +266,7 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         logit_rows = min(targets, max(1, LOGITS_CHUNK_ELEMENTS // arch.vocab))
         logits = LOGIT_BUFFERS * logit_rows * arch.vocab * 4
     else:
-        logit_rows = min(targets, max(1, SCORING_CHUNK_ELEMENTS // arch.vocab))
+        logit_rows = min(targets, max(1, FROZEN_HEAD_CHUNK_ELEMENTS // arch.vocab))
         logits = FROZEN_HEAD_LOGIT_BUFFERS * logit_rows * arch.vocab * 4
     kind = "full" if full else "lora"
     layers, stream = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len)

@@ -118,7 +118,7 @@ def test_frozen_head_keeps_no_logits_and_gives_the_plain_gradients(arch, monkeyp
     batch = collate(_examples([30, 25, 18]), 0)
     weights = torch.linspace(0.5, 2.0, target_tokens(batch))
     frozen_linear = loss_module._frozen_linear
-    monkeypatch.setattr(loss_module, "SCORING_CHUNK_ELEMENTS", 5 * VOCAB)  # rows of 5 logits: 49 targets, 10 chunks
+    monkeypatch.setattr(loss_module, "FROZEN_HEAD_CHUNK_ELEMENTS", 5 * VOCAB)  # rows of 5 logits: 49 targets, 10 chunks
     for temperature in (None, torch.tensor([0.7, 1.0, 1.3])):
         if temperature is not None:
             batch = {**batch, "temperature": temperature}
