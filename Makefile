@@ -60,6 +60,7 @@ bench: install-bench
 	$(BIN)/python bench/bench_train.py --micro
 	$(BIN)/python bench/bench_attention.py
 	$(BIN)/python bench/bench_attention.py --decode
+	$(BIN)/python bench/bench_memory.py
 
 # Re-resolve the lock from pyproject.toml's ranges (needs PyPI). uv only compiles: it reads the index's hashes
 # (seconds) where pip-tools downloaded every platform's wheels to hash them. The result is plain pip input.

@@ -1,4 +1,5 @@
-"""The machine a job runs on: its device, the precision it computes in, dtype names, the CPU allocator.
+"""The machine a job runs on: its device, the precision it computes in, dtype names, the CPU allocator and
+oneDNN's per-shape caches.
 `precision=auto` is decided from the hardware, never from a fixed choice.
 
     device, precision = resolve_precision(config)   # cuda | cpu, Precision("bf16" | "fp32", why=...)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+from pathlib import Path
+
 import torch
+
+MADV_DONTNEED = 4  # linux/mman.h: the pages leave this process's resident set; a file's are read again if touched
 
 
 @torch.no_grad()
@@ -20,10 +26,41 @@ def release_checkpoint_mapping(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def narrow_in_place(weight: torch.Tensor, dtype: torch.dtype) -> int:
     """Store `weight` in `dtype`, keeping the tensor (a Parameter stays the module's, with its hooks and ties):
-    its data is replaced by the narrowed copy. Returns the bytes saved."""
+    its data is replaced by the narrowed copy. Returns the bytes saved.
+
+    Where the old data was a view into a memory-mapped safetensors checkpoint (transformers loads an fp32 file so
+    on a CPU), its pages leave the resident set as soon as it is copied: else every page read while narrowing stays
+    resident until the last view is gone, and set-up held the whole fp32 file beside the narrowed copies (SmolLM2:
+    611 MB of file pages at its peak)."""
     saved = weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
-    weight.data = weight.data.to(dtype)
+    wide = weight.data
+    weight.data = wide.to(dtype)
+    forget_checkpoint_pages(wide)
     return saved
+
+
+def forget_checkpoint_pages(unused: torch.Tensor) -> int:
+    """Drop from this process's resident set the pages of `unused` — a tensor whose data the caller no longer
+    needs — where it is a view into a mapped `.safetensors` file (Linux; elsewhere nothing). torch maps a checkpoint
+    private and writable, so a page someone wrote to would go back to the file's bytes: hence only whole pages of
+    `unused` itself; pages nobody wrote are read back from the file if touched again. Returns the bytes advised."""
+    start, length = unused.data_ptr(), unused.numel() * unused.element_size()
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    page, dropped = mmap.PAGESIZE, 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].endswith(".safetensors"):
+            continue
+        low, high = (int(bound, 16) for bound in fields[0].split("-"))
+        first, last = max(low, -(-start // page) * page), min(high, (start + length) // page * page)
+        if first < last:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+            dropped += last - first
+    return dropped
 
 
 def frozen_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loraforge.errors import AdapterError, ConfigError, QuantizationError
-from loraforge.memory import release_checkpoint_mapping
+from loraforge.memory import forget_checkpoint_pages, release_checkpoint_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def quantize_model(model: nn.Module, quant: str, device: str | torch.device = "c
         layer = _quantized_linear(linear, quant, compute_dtype, device)
         check_round_trip(name, linear.weight.detach().to(device), layer)
         model.set_submodule(name, layer)
+        forget_checkpoint_pages(linear.weight)  # else the float file stays resident until every layer is done
     if device.type == "cpu":
         release_checkpoint_mapping(model)
     sizes = frozen_weight_bytes(model)

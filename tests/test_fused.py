@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,3 +352,48 @@ def test_fused_mlp_falls_back_and_unload_restores_the_class_forward():
     plain = lora.unload()
     assert all("forward" not in m.__dict__ for m in plain.modules())
     torch.testing.assert_close(plain(make_inputs("llama")).logits, base, atol=0, rtol=0)
+
+
+def _resident_bytes_of(file: Path) -> int | None:
+    """This process's resident bytes of its mappings of `file` (/proc/self/smaps), None where none is mapped."""
+    total, inside, found = 0, False, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            inside = line.endswith(str(file))
+            found = found or inside
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total if found else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_narrowing_a_mapped_checkpoint_drops_its_pages_and_keeps_every_value(tmp_path):
+    """transformers maps an fp32 safetensors file and hands out views into it; narrowing a weight drops that
+    weight's pages from the resident set (set-up held the whole file beside the narrowed copies), and the weights
+    still viewing the file read the same values back."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from loraforge.memory import narrow_in_place
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    linears = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    originals = [w.detach().clone() for w in linears]  # reads every page of the linear weights
+    kept = {name: p.detach().clone() for name, p in model.named_parameters() if "norm" in name or "embed" in name}
+    checkpoint = tmp_path / "model.safetensors"
+    before = _resident_bytes_of(checkpoint)
+    assert before is not None, "transformers no longer maps the checkpoint: narrow_in_place's page dropping is moot"
+    linear_bytes = sum(o.numel() * o.element_size() for o in originals)
+    assert before >= linear_bytes
+    for weight in linears:
+        narrow_in_place(weight, torch.bfloat16)
+    assert _resident_bytes_of(checkpoint) <= before - 0.95 * linear_bytes
+    for weight, original in zip(linears, originals):
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight, original.to(torch.bfloat16))
+    for name, p in model.named_parameters():
+        if name in kept:
+            assert torch.equal(p, kept[name]), name
