@@ -216,8 +216,9 @@ def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> 
 # up to 1,024 of them; ideep, torch's layer above it, keeps its own 1,024 per-shape entries. A training step meets
 # ~25 new shapes with each new sequence length (every projection, forward and backward, LoRA's small ones too), so
 # with varied lengths memory grows with each new length, for hundreds of steps: +93 MB between steps and +150 MB at
-# the step's peak after 40 steps of the demo alone (lengths 68-74). 64 entries hold a step's working set: the demo's
-# 12 steps compiled 298 primitives instead of 181, ~1 ms each (BENCHMARKS.md, "Memory that grows").
+# the step's peak after 40 steps of the demo alone (lengths 68-74); 2,353 MB instead of 1,386 after 60 steps over
+# rows of varied length (bench/bench_memory.py). At 64 entries a step recompiles a few shapes it met before: the
+# demo's 12 steps compiled 298 primitives instead of 181, ~1 ms each (BENCHMARKS.md, fourth 2026-12-05 session).
 ONEDNN_CACHE_ENTRIES = 64
 ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 

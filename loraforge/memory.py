@@ -44,6 +44,8 @@ def forget_checkpoint_pages(unused: torch.Tensor) -> int:
     needs — where it is a view into a mapped `.safetensors` file (Linux; elsewhere nothing). torch maps a checkpoint
     private and writable, so a page someone wrote to would go back to the file's bytes: hence only whole pages of
     `unused` itself; pages nobody wrote are read back from the file if touched again. Returns the bytes advised."""
+    if unused.device.type != "cpu":
+        return 0
     start, length = unused.data_ptr(), unused.numel() * unused.element_size()
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
