@@ -15,6 +15,7 @@ start (imports included) to its exit and the peak memory is the process's larges
 - the same default job run again, as on a user's second run with another setting: the base's side of the
   comparison comes from the cache (warmed once, untimed, before the rounds);
 - `loraforge train`, training only: no validation split, no comparison, no report, no TensorBoard;
+- the same with `gradient_checkpointing=true`: the lowest-memory setting, for its price in time;
 - PEFT+TRL with TRL's defaults (`SFTConfig`: bf16 and gradient checkpointing on, even on CPU): bare
   `trainer.train()` + save — what the job costs a TRL user before any evaluation;
 - PEFT+TRL matched to loraforge: the precision `precision=auto` picks on this machine (bf16 autocast where the
@@ -90,7 +91,7 @@ def _sync(device: str) -> None:
 
 
 def loraforge_command(args, output: str, training_only: bool = False, base_side: str = "computed",
-                      steps: int | None = None) -> list[str]:
+                      steps: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The demo job (demo.yaml: lr 1e-3, cosine, 5 warmup steps, r=16, alpha=32, all-linear) at --steps;
     base_side "computed" turns the comparison's cache off (a first run), "cached" leaves it on."""
     command = [str(Path(sys.executable).with_name("loraforge")), "train", f"model={args.model}",
@@ -100,7 +101,7 @@ def loraforge_command(args, output: str, training_only: bool = False, base_side:
         command.append("compare_cache=false")
     if training_only:  # the same 960 training rows; no validation split, no comparison, no report
         command += ["data.split=[0.8,0.0,0.2]", "compare=false", "report=false", "tensorboard=false"]
-    return command + args.ours
+    return command + list(extra) + args.ours
 
 
 def peft_trl_command(args, output: str, defaults: bool) -> list[str]:
@@ -256,6 +257,7 @@ def timed(command: list[str]) -> dict:
 ROWS = (("loraforge", "`loraforge train` (default job: validation, advice, comparison, report), first run"),
         ("loraforge_again", "`loraforge train` (default job), run again: the base's side from the cache"),
         ("loraforge_train", "`loraforge train`, training only"),
+        ("loraforge_train_checkpointing", "`loraforge train`, training only, `gradient_checkpointing=true`"),
         ("peft_trl_defaults", "PEFT+TRL bare train + save, TRL defaults (bf16, gradient checkpointing)"),
         ("peft_trl_matched", "PEFT+TRL bare train + save, matched (our precision, no checkpointing)"))
 
@@ -303,6 +305,9 @@ def main() -> None:
         commands = {"loraforge": lambda: loraforge_command(args, outputs["loraforge"]),
                     "loraforge_again": lambda: loraforge_command(args, outputs["loraforge_again"], base_side="cached"),
                     "loraforge_train": lambda: loraforge_command(args, outputs["loraforge_train"], training_only=True),
+                    "loraforge_train_checkpointing": lambda: loraforge_command(
+                        args, outputs["loraforge_train_checkpointing"], training_only=True,
+                        extra=("gradient_checkpointing=true",)),
                     "peft_trl_defaults": lambda: peft_trl_command(args, outputs["peft_trl_defaults"], defaults=True),
                     "peft_trl_matched": lambda: peft_trl_command(args, outputs["peft_trl_matched"], defaults=False)}
         if "loraforge_again" in chosen:  # the base side depends on the base and the test rows, not the steps
