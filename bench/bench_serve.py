@@ -28,7 +28,7 @@ import torch
 
 from loraforge import LoraConfig, LoraModel
 from loraforge.data import render
-from loraforge.evaluate import generate_answers, running
+from loraforge.evaluate import generate_answers
 from loraforge.models import load_model, resolve_model_path
 from loraforge.serve.engine import Engine, Finished, Generation, SamplingParams
 
@@ -41,7 +41,7 @@ def load_base(args):
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
-    return model, tokenizer
+    return model.to(args.device), tokenizer
 
 
 def write_adapters(args, folder: Path) -> list[Path]:
@@ -97,7 +97,7 @@ def run_peft(peft_model, tokenizer, texts: list[str], adapters: list[str], max_t
     with torch.inference_mode():
         for first in range(0, len(texts), batch):
             inputs = tokenizer(texts[first : first + batch], return_tensors="pt", padding=True,
-                               add_special_tokens=False)
+                               add_special_tokens=False).to(peft_model.device)
             out = peft_model.generate(**inputs, adapter_names=adapters[first : first + batch],
                                       max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
@@ -155,7 +156,7 @@ def main() -> None:
 
     print(f"{resolve_model_path(args.model).name}{' (random weights)' if args.random_weights else ''}: "
           f"{args.adapters} adapters r={args.rank}, {args.requests} requests × {args.max_tokens} tokens, batch "
-          f"{args.batch}, {torch.get_num_threads()} threads", flush=True)
+          f"{args.batch}, {args.device}, {torch.get_num_threads()} threads", flush=True)
     for run in systems.values():  # warm-up: first calls allocate and dispatch slowly
         run(min(4, len(texts)), 2)
     results: dict[str, list[float]] = {name: [] for name in systems}
@@ -170,7 +171,7 @@ def main() -> None:
     check = [names[k % len(names)] for k in range(min(args.adapters, len(texts)))]
     _, _, answers = run_engine(mixed_engine, prompt_ids[: len(check)], check, args.max_tokens, ignore_eos=False)
     for messages, name, answer in zip(conversations, check, answers):
-        with running(lora, name):
+        with lora.using(name):
             offline = generate_answers(lora, tokenizer, [messages], max_new_tokens=args.max_tokens, batch_size=1)[0]
         equal += offline == answer.text
     mixed_engine.shutdown()
