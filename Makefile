@@ -11,7 +11,7 @@ PIP_LOCKED := $(PIP) install --require-hashes --no-deps
 # loraforge itself, built with the locked setuptools instead of whatever PyPI serves today.
 PIP_SELF := $(PIP) install --no-deps --no-build-isolation -e .
 
-.PHONY: install install-test install-bench demo test test-slow test-interop bench lock clean
+.PHONY: install install-test install-bench demo test test-slow test-interop bench gpu-kit lock clean
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -61,6 +61,11 @@ bench: install-bench
 	$(BIN)/python bench/bench_attention.py
 	$(BIN)/python bench/bench_attention.py --decode
 	$(BIN)/python bench/bench_memory.py
+
+# For a lent GPU machine (no network there): the lock's wheels for its Python and SmolLM2's config + tokenizer,
+# in .gpu/; then one `device` call runs `bash bench/gpu_check.sh` with carry [".gpu"] (BENCHMARKS.md, "GPU").
+gpu-kit: install-bench
+	$(BIN)/python bench/gpu_kit.py
 
 # Re-resolve the lock from pyproject.toml's ranges (needs PyPI). uv only compiles: it reads the index's hashes
 # (seconds) where pip-tools downloaded every platform's wheels to hash them. The result is plain pip input.

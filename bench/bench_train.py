@@ -94,9 +94,10 @@ def loraforge_command(args, output: str, training_only: bool = False, base_side:
                       steps: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The demo job (demo.yaml: lr 1e-3, cosine, 5 warmup steps, r=16, alpha=32, all-linear) at --steps;
     base_side "computed" turns the comparison's cache off (a first run), "cached" leaves it on."""
-    command = [str(Path(sys.executable).with_name("loraforge")), "train", f"model={args.model}",
-               f"output={output}", f"max_steps={steps or args.steps}", f"batch_size={args.batch}",
-               f"device={args.device}", "overwrite=true"]
+    script = Path(sys.executable).with_name("loraforge")  # absent where loraforge is on PYTHONPATH (gpu_check.sh)
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "loraforge"]
+    command = [*cli, "train", f"model={args.model}", f"output={output}", f"max_steps={steps or args.steps}",
+               f"batch_size={args.batch}", f"device={args.device}", "overwrite=true"]
     if base_side == "computed" and not training_only:
         command.append("compare_cache=false")
     if training_only:  # the same 960 training rows; no validation split, no comparison, no report

@@ -15,3 +15,21 @@ def test_bench_script_imports(script: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # runs the imports and definitions; main() stays behind __main__
     assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+
+
+def test_gpu_check_script_parses() -> None:
+    """bench/gpu_check.sh runs where no one can look at it before a lease starts: at least it must parse."""
+    import subprocess
+
+    result = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpu_kit_carries_locked_versions() -> None:
+    """Every package the GPU kit carries has a pin in the bench lock (the kit downloads exactly that version)."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_kit_pins", BENCH / "gpu_kit.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    versions = kit.locked_versions(kit.ROOT / "requirements" / "bench.txt")
+    assert versions["transformers"] and versions["pydantic-core"]  # names normalised: "pydantic_core" in a pin too
+    assert [name for name in kit.CARRIED if name not in versions] == []
