@@ -173,7 +173,7 @@ def count_parameters(config, lora_config: LoraConfig) -> Parameters:
 
 # -- memory -----------------------------------------------------------------------------------------
 def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], r: int, dropout: float,
-                             seq_len: int, padded: bool = True, checkpointed: bool = False) -> tuple[float, float]:
+                             seq_len: int, padded: bool = True) -> tuple[float, float]:
     """Activation elements autograd keeps per token, all decoder layers together: (all of them, those of the
     residual stream — the RMSNorm inputs, 2h a layer —, which stay in the weights' dtype under autocast while the
     rest is in the compute dtype). Counted op by op with
@@ -186,9 +186,8 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
     - LoRA adds, once per layer and group, the input its A factors need: the norm output for q/k/v, the norm
       output for gate/up (h each), the down projection's input (I); and A's output (r) per adapted module. With
       dropout, each adapted module keeps its dropped input and the mask (2 × fan-in) instead.
-    - A Llama-style MLP with gate, up and down adapted and no dropout runs fused (lora/fused.py): gate, up,
-      SiLU(gate) and the down projection's input are recomputed in backward, 4·I fewer; in a `checkpointed` layer
-      (its forward runs again in backward) it keeps gate and up, 2·I fewer.
+    - A Llama-style MLP with gate, up and down adapted and no dropout runs fused (lora/fused.py): SiLU(gate) and
+      the down projection's input are recomputed in backward, 2·I fewer.
     Gradient never flows below the first adapted layer, so LoRA layers below it keep nothing.
     """
     h, q = arch.hidden, arch.q_dim
@@ -216,8 +215,7 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
             projections.setdefault(layer_index(name, None), set()).add(name.rpartition(".")[2])
         fused_mlps = sum(1 for found in projections.values() if {"gate_proj", "up_proj", "down_proj"} <= found)
     layers = arch.layers - first_layer
-    recomputed = (2 if checkpointed else 4) * mlp
-    return layers * per_layer + extra + sum(inputs.values()) - fused_mlps * recomputed, layers * 2 * h
+    return layers * per_layer + extra + sum(inputs.values()) - fused_mlps * 2 * mlp, layers * 2 * h
 
 
 @dataclass
@@ -272,8 +270,6 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         logits = FROZEN_HEAD_LOGIT_BUFFERS * logit_rows * arch.vocab * 4
     kind = "full" if full else "lora"
     layers, stream = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len)
-    layers_checkpointed = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len,
-                                                   checkpointed=True)[0]
     # Outside the layers: the final norm (its input; full fine-tuning also its two outputs) and one hidden-sized row
     # per target (a trained head's input; a frozen head's input gradient).
     outside = tokens * (3 * arch.hidden if full else arch.hidden) + targets * arch.hidden
@@ -281,8 +277,7 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
     layer_bytes = tokens * ((layers - stream) * act_bytes + stream * stream_bytes)  # the residual stream: as loaded
     plain = layer_bytes + outside * act_bytes
     # Checkpointing keeps each layer's input (the residual stream) and recomputes one layer at a time in backward.
-    one_layer = tokens * ((layers_checkpointed - stream) * act_bytes + stream * stream_bytes) / arch.layers
-    checkpointed = tokens * arch.layers * arch.hidden * stream_bytes + outside * act_bytes + one_layer
+    checkpointed = tokens * arch.layers * arch.hidden * stream_bytes + outside * act_bytes + layer_bytes / arch.layers
     # An adapted expert tensor is used as W0 + ΔW, built in the weights' dtype and kept for backward.
     materialized = 0 if full else params.adapter.materialized * weight_bytes
     activations = (checkpointed if checkpointing else plain) + materialized

@@ -169,16 +169,14 @@ def _saved_bytes(model, batch) -> int:
 
 
 # docs/estimate.md quotes these bounds: within 0.5% without dropout, 3% with it (dropout's masks are counted as
-# one byte per element; autograd's bookkeeping differs slightly by shape), 1.25% under bf16 autocast. With every
-# linear adapted the fused MLP keeps 4·I fewer per token, so this tiny model's total is smaller and the same few KB
-# of bookkeeping (+6.6 KB fp32, −6.4 KB bf16, unchanged by the recomputation) weigh 0.65% and 1.1% of it.
+# one byte per element; autograd's bookkeeping differs slightly by shape), 1% under bf16 autocast.
 @pytest.mark.parametrize("mode,lora_values,tolerance,precision", [
     ("full", {}, 0.005, "fp32"),
-    ("lora", {"targets": "all-linear"}, 0.0075, "fp32"),
+    ("lora", {"targets": "all-linear"}, 0.005, "fp32"),
     ("lora", {"targets": ["q_proj", "v_proj"]}, 0.005, "fp32"),
     ("lora", {"targets": "all-linear", "dropout": 0.1}, 0.03, "fp32"),
     # bf16 autocast over fp32 weights: the residual stream (the norms' inputs) stays fp32, the rest is bf16
-    ("lora", {"targets": "all-linear"}, 0.0125, "bf16"),
+    ("lora", {"targets": "all-linear"}, 0.01, "bf16"),
 ])
 def test_activation_estimate_matches_what_autograd_keeps(mode, lora_values, tolerance, precision, tmp_path):
     config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,

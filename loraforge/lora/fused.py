@@ -7,8 +7,7 @@ and lets W0 be stored narrower than the compute dtype (a bf16 base under fp32 co
 use, so the model holds half the bytes without keeping widened copies alive until backward.
 
 A Llama-style MLP whose three projections carry the adapter runs as one such node too (`swiglu_with_lora`):
-it keeps only x and the rank-r products, and recomputes gate, up, silu(gate) and their product in backward (a
-checkpointed layer, whose forward runs again anyway, keeps gate and up).
+it keeps the gate and up outputs and recomputes silu(gate) and their product in backward.
 
 Both cover the training hot path: one active adapter, no dropout, a float frozen weight. Everything else
 (dropout, DoRA, several adapters, 4-bit bases, mixed batches) takes the generic path in layers.py.
@@ -115,15 +114,12 @@ class _FrozenLinearLora(torch.autograd.Function):
 
 
 class _SwiGluLora(torch.autograd.Function):
-    """down(silu(gate(x)) · up(x)), each projection a frozen linear + one adapter (no biases). Saves x and the
-    three rank-r products; silu(gate) and the product are recomputed in backward, and with `recompute` the gate and
-    up outputs too — four (tokens × intermediate) tensors fewer than autograd over the separate ops keeps, for two
-    matmuls more. SmolLM2 on the demo: peak RSS −112 MB (1,276 → 1,164) for +7% of the whole run's time (three
-    alternating 40-step pairs; BENCHMARKS.md). A layer under gradient checkpointing keeps them (recompute=False):
-    its forward runs again in backward anyway, and keeps them only while that layer's backward runs."""
+    """down(silu(gate(x)) · up(x)), each projection a frozen linear + one adapter (no biases). Saves x, the gate
+    and up outputs and the three rank-r products; silu(gate) and the product are recomputed in backward — two
+    (tokens × intermediate) tensors fewer than autograd over the separate ops keeps."""
 
     @staticmethod
-    def forward(ctx, x, scales: tuple[float, float, float], recompute: bool, *tensors):
+    def forward(ctx, x, scales: tuple[float, float, float], *tensors):
         (wg, ag, bg), (wu, au, bu), (wd, ad, bd) = tensors[0:3], tensors[3:6], tensors[6:9]
         sg, su, sd = scales
         dtype = compute_dtype(x)
@@ -132,7 +128,7 @@ class _SwiGluLora(torch.autograd.Function):
             gate, hg = _lora_forward(flat, wg, None, ag, bg, sg, False)
             up, hu = _lora_forward(flat, wu, None, au, bu, su, False)
             out, hd = _lora_forward(F.silu(gate) * up, wd, None, ad, bd, sd, False)
-        ctx.save_for_backward(flat, None if recompute else gate, None if recompute else up, hg, hu, hd, *tensors)
+        ctx.save_for_backward(flat, gate, up, hg, hu, hd, *tensors)
         ctx.scales, ctx.x_shape, ctx.x_dtype = scales, x.shape, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -141,9 +137,6 @@ class _SwiGluLora(torch.autograd.Function):
         flat, gate, up, hg, hu, hd, *tensors = ctx.saved_tensors
         (wg, ag, bg), (wu, au, bu), (wd, ad, bd) = tensors[0:3], tensors[3:6], tensors[6:9]
         sg, su, sd = ctx.scales
-        if gate is None:
-            gate = _lora_forward(flat, wg, None, ag, bg, sg, False)[0]
-            up = _lora_forward(flat, wu, None, au, bu, su, False)[0]
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(flat.dtype)
         act = F.silu(gate)
         grad_p, grad_ad, grad_bd = _lora_backward(g, act * up, hd, wd, ad, bd, sd, False, True)
@@ -153,7 +146,7 @@ class _SwiGluLora(torch.autograd.Function):
         grad_xg, grad_ag, grad_bg = _lora_backward(grad_gate, flat, hg, wg, ag, bg, sg, False, need_x)
         grad_xu, grad_au, grad_bu = _lora_backward(grad_up, flat, hu, wu, au, bu, su, False, need_x)
         grad_x = grad_xg.add_(grad_xu).view(ctx.x_shape).to(ctx.x_dtype) if need_x else None
-        return (grad_x, None, None, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd)
+        return (grad_x, None, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd)
 
 
 def frozen_linear_with_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -162,9 +155,8 @@ def frozen_linear_with_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _FrozenLinearLora.apply(x, weight, bias, a, b, scale, fan_in_fan_out)
 
 
-def swiglu_with_lora(x: torch.Tensor, projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]],
-                     recompute: bool = True) -> torch.Tensor:
-    """A Llama-style MLP, down(silu(gate(x)) · up(x)), from (W0, A, B, scale) of gate, up and down; `recompute`:
-    the gate and up outputs are computed again in backward instead of kept."""
+def swiglu_with_lora(x: torch.Tensor, projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+                     ) -> torch.Tensor:
+    """A Llama-style MLP, down(silu(gate(x)) · up(x)), from (W0, A, B, scale) of gate, up and down."""
     scales = tuple(p[3] for p in projections)
-    return _SwiGluLora.apply(x, scales, recompute, *(t for p in projections for t in p[:3]))
+    return _SwiGluLora.apply(x, scales, *(t for p in projections for t in p[:3]))

@@ -1,6 +1,5 @@
 """Llama-style MLPs, down(silu(gate(x)) · up(x)) without biases, run as one fused node (fused.swiglu_with_lora)
-when gate, up and down carry the same single adapter: four fewer intermediate-width tensors kept for backward
-(two where the decoder layer is checkpointed).
+when gate, up and down carry the same single adapter: two fewer intermediate-width tensors kept for backward.
 
 Matched by class, from a table of the transformers classes whose forward is exactly that; the MLP instance gets a
 forward of its own (removed again by remove_fused_mlps), which falls back to the class's when not fusable.
@@ -42,25 +41,20 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
     return type(module) in _swiglu_classes() and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation))
 
 
-def fused_mlp_forward(mlp: nn.Module, decoder_layer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if all(isinstance(layer, LoraLinear) and layer.base_layer.bias is None for layer in layers):
         name = layers[0]._fused_adapter()
         if name is not None and all(layer._fused_adapter() == name for layer in layers[1:]):
-            # Under gradient checkpointing (transformers' flag on the decoder layer) the layer's forward is run
-            # again in backward: recomputing gate and up inside the node too would compute them a third time.
-            checkpointed = decoder_layer is not None and decoder_layer.training and \
-                getattr(decoder_layer, "gradient_checkpointing", False)
             return swiglu_with_lora(x, [(layer.base_weight, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                         layer.scaling[name]) for layer in layers], recompute=not checkpointed)
+                                         layer.scaling[name]) for layer in layers])
     return type(mlp).forward(mlp, x)
 
 
 def install_fused_mlps(model: nn.Module) -> None:
-    parents = {id(child): module for module in model.modules() for child in module.children()}
     for module in model.modules():
         if is_swiglu_mlp(module) and "forward" not in module.__dict__:
-            module.forward = functools.partial(fused_mlp_forward, module, parents.get(id(module)))
+            module.forward = functools.partial(fused_mlp_forward, module)
 
 
 def remove_fused_mlps(model: nn.Module) -> None:
