@@ -10,8 +10,8 @@
 #   job    (only when named: a second call) the default job, comparison and report included, vs TRL's defaults ≤3 min
 # Everything runs on SmolLM2-135M's config and tokenizer with seeded random weights (bench/gpu_kit.py says why).
 # Results land in $OUT (the device tool brings them back); the last lines printed are the tables.
-# Here, without a GPU, the script itself is checked on the CPU (tests/test_bench_scripts.py, with the lock's
-# packages): DEVICE=cpu PYTHON=.venv/bin/python STEPS=2 RUNS=1 REPEATS=1 \
+# The suite only checks that this script parses (tests/test_bench_scripts.py); to run it end to end here, on the
+# CPU with the lock's packages: DEVICE=cpu PYTHON=.venv/bin/python STEPS=2 RUNS=1 REPEATS=1 \
 #   SERVE_ARGS="--adapters 2 --requests 4 --max-tokens 4 --skip-peft" bash bench/gpu_check.sh train micro serve
 set -u -o pipefail
 cd "$(dirname "$0")/.."

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parent.parent
 # Missing from the device image, or there at a version our code was not locked against (its package list:
 # ../.library/device/KINDS.md); the rest (numpy, safetensors, accelerate, rich, PyYAML, psutil, ...) it has.
@@ -37,7 +39,7 @@ CARRY_LIMIT_BYTES = 64 * 2**20  # what one device call may carry, the working tr
 
 def locked_versions(lock: Path) -> dict[str, str]:
     pins = re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", lock.read_text(), flags=re.MULTILINE)
-    return {name.lower().replace("_", "-"): version for name, version in pins}
+    return {canonicalize_name(name): version for name, version in pins}
 
 
 def download_wheels(into: Path) -> None:

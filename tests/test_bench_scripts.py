@@ -9,12 +9,17 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda path: path.name)
-def test_bench_script_imports(script: Path) -> None:
+def _load(script: Path):
+    """The script as a module: its imports and definitions run; main() stays behind `__main__`."""
     spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # runs the imports and definitions; main() stays behind __main__
-    assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda path: path.name)
+def test_bench_script_imports(script: Path) -> None:
+    assert callable(getattr(_load(script), "main", None)), f"{script.name} has no main()"
 
 
 def test_gpu_check_script_parses() -> None:
@@ -27,9 +32,7 @@ def test_gpu_check_script_parses() -> None:
 
 def test_gpu_kit_carries_locked_versions() -> None:
     """Every package the GPU kit carries has a pin in the bench lock (the kit downloads exactly that version)."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_kit_pins", BENCH / "gpu_kit.py")
-    kit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kit)
+    kit = _load(BENCH / "gpu_kit.py")
     versions = kit.locked_versions(kit.ROOT / "requirements" / "bench.txt")
     assert versions["transformers"] and versions["pydantic-core"]  # names normalised: "pydantic_core" in a pin too
     assert [name for name in kit.CARRIED if name not in versions] == []
