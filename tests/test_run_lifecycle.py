@@ -240,6 +240,21 @@ def _caught_in(run: Path) -> str:
     return "step or validation"
 
 
+def _wait_for_a_step(process: subprocess.Popen, run: Path) -> float | None:
+    """Polls until metrics.jsonl logs one more training step; when it did (None when the process ended first)."""
+    metrics = run / "metrics.jsonl"
+
+    def steps() -> int:
+        return metrics.read_text().count('"train_loss"') if metrics.exists() else 0
+
+    start = steps()
+    while process.poll() is None:
+        if steps() > start:
+            return time.monotonic()
+        time.sleep(0.002)
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "adalora"])
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(method, tiny_model_dir, small_data,
@@ -257,11 +272,11 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(metho
         process = subprocess.Popen(_cli(tiny_model_dir, small_data, run, *extra, "resume=true"),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment(), cwd=ROOT)
         if kills < 6:
-            metrics = run / "metrics.jsonl"
-            start_rows = metrics.read_text().count("\n") if metrics.exists() else 0
-            while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") <= start_rows):
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 0.6))
+            # The moment is random within one step as long as this machine takes for one (its step, validation
+            # and writes): a fixed delay let a fast machine finish the whole run before the 5th kill.
+            first, second = _wait_for_a_step(process, run), _wait_for_a_step(process, run)
+            if first is not None and second is not None:
+                time.sleep(rng.uniform(0.0, second - first))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=60)
