@@ -1,5 +1,5 @@
 """Memory over a longer run whose rows vary in length: `loraforge train` (training only) with oneDNN's per-shape
-caches bounded (loraforge's default, hardware.bound_onednn_caches) against torch's own defaults (1,024 entries
+caches bounded (loraforge's default, runtime.bound_onednn_caches) against torch's own defaults (1,024 entries
 each, set through the environment, which loraforge leaves alone), alternating, medians.
 
     python bench/bench_memory.py                       # 100 steps × batch 8, 3 rounds

@@ -1,13 +1,12 @@
 """loraforge: LoRA fine-tuning — train, evaluate, merge and serve low-rank adapters."""
 
-from loraforge.hardware import bound_onednn_caches
+from loraforge.runtime import bound_onednn_caches
 
 bound_onednn_caches()  # before any matmul of this process: oneDNN and ideep read their capacity once
 
 from loraforge.config import LoraConfig
 from loraforge.errors import (AdapterError, AdapterFileError, ConfigError, LoraforgeError, MergeError,
                               QuantizationError, TrainingError)
-from loraforge.lora import DEFAULT_ADAPTER, LoraModel
 
 __version__ = "0.1.0"
 
@@ -23,3 +22,12 @@ __all__ = [
     "QuantizationError",
     "TrainingError",
 ]
+
+
+def __getattr__(name: str):
+    # What needs torch loads when first asked for: `loraforge train` settles its process (runtime.py) before torch.
+    if name in ("LoraModel", "DEFAULT_ADAPTER"):
+        from loraforge import lora
+
+        return getattr(lora, name)
+    raise AttributeError(f"module 'loraforge' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from loraforge.console import make_console, quiet_libraries
 from loraforge.errors import LoraforgeError
+from loraforge.runtime import relaunch_for_training
 
 TRAIN_HELP = """Fine-tune a LoRA adapter. With no arguments: SmolLM2-135M-Instruct on the bundled demo data
 (JSON extraction from order messages), then base vs tuned on held-out test prompts.
@@ -404,7 +405,10 @@ def _torchrun_rank() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (argv None: this process's own command line) or a call with `argv` (the process stays)."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.run is _train and not args.print_config:
+        relaunch_for_training()  # glibc's allocator settings for training (runtime.py); returns when set already
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)  # `loraforge train key=value` without a YAML file
         args.config = None

@@ -212,25 +212,6 @@ def frozen_storage_dtype(config: TrainConfig, amp_dtype: torch.dtype | None) -> 
     return None if config.base_dtype == "fp32" else DTYPES[config.base_dtype]
 
 
-# oneDNN, which runs torch's bf16 matmuls on CPUs, compiles a primitive for every matmul shape it meets and keeps
-# up to 1,024 of them; ideep, torch's layer above it, keeps its own 1,024 per-shape entries. A training step meets
-# ~25 new shapes with each new sequence length (every projection, forward and backward, LoRA's small ones too), so
-# with varied lengths memory grows with each new length, for hundreds of steps: +93 MB between steps and +150 MB at
-# the step's peak after 40 steps of the demo alone (lengths 68-74); 2,353 MB instead of 1,386 after 60 steps over
-# rows of varied length (bench/bench_memory.py). At 64 entries a step recompiles a few shapes it met before: the
-# demo's 12 steps compiled 298 primitives instead of 181, ~1 ms each (BENCHMARKS.md, fourth 2026-12-05 session).
-ONEDNN_CACHE_ENTRIES = 64
-ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
-def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> None:
-    """Cap oneDNN's primitive cache and ideep's per-shape cache at `entries` each, where the environment does not
-    set them already (a user's own setting wins). Both read their variable when first used, so this must run
-    before the process's first bf16 matmul on a CPU: loraforge calls it when imported."""
-    for name in ONEDNN_CACHE_VARIABLES:
-        os.environ.setdefault(name, str(entries))
-
-
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Training's mmap threshold on CPUs (see compact_cpu_allocator); compact_cpu_memory's is COMPACT_THRESHOLD.

@@ -183,6 +183,15 @@ def test_bad_data_file_error_names_file_and_line(tiny_model_dir, tmp_path, capsy
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["data.path", "data.validation_path", "data.test_path"])
+def test_a_missing_data_file_is_named_by_its_key_and_nothing_is_written(tiny_model_dir, tmp_path, capsys, key):
+    missing, run = tmp_path / "missing.jsonl", tmp_path / "run"
+    assert main(["train", f"model={tiny_model_dir}", f"data={DEMO_DATA}", f"{key}={missing}", f"output={run}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: data file {missing} does not exist" in err and "bug" not in err
+    assert not run.exists()
+
+
 def test_an_unexpected_error_is_one_line_naming_where_it_happened(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from loraforge import train as train_module
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from loraforge.config import load_train_config
 from loraforge.demo import DEMO_DATA
 from loraforge.errors import ConfigError, TrainingError
+from loraforge.runtime import training_environment
 from loraforge.train import checkpoint as checkpoint_module
 from loraforge.train import client as client_module
 from loraforge.train import train
@@ -222,6 +223,12 @@ def test_sigterm_checkpoints_says_how_to_resume_and_exits_nonzero(tiny_model_dir
     while not (metrics.exists() and metrics.read_text().count("train_loss") >= 2):
         assert time.monotonic() < deadline and process.poll() is None, "training never started"
         time.sleep(0.2)
+    # The command relaunched itself with glibc's allocator setting for training (runtime.py), in the same process:
+    # the one this test started and signals.
+    expected = training_environment(_environment())
+    if expected is not None:
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        assert f"GLIBC_TUNABLES={expected['GLIBC_TUNABLES']}".encode() in environ
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 130, out
