@@ -105,7 +105,8 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch",
                                str(args.batch)], env=environment, capture_output=True, text=True, check=True)
         rows = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-        print(f"\n{name}: {tunable}\n| step | malloc in use, step's peak (MB) | heap (MB) | heap free (MB) | RSS (MB) |")
+        print(f"\n{name}: {tunable}")
+        print("| step | malloc in use, step's peak (MB) | heap (MB) | heap free (MB) | RSS (MB) |")
         print("|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['step']} | {row['in_use_peak_mb']} | {row['heap_mb']} | {row['heap_free_mb']} | "

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # What needs torch loads when first asked for: `loraforge train` settles its process (runtime.py) before torch.
     if name in ("LoraModel", "DEFAULT_ADAPTER"):
         from loraforge import lora
