@@ -63,10 +63,15 @@ class DataReport:
 
 
 # -- reading -------------------------------------------------------------------------------------
+def require_data_file(path: Path, key: str | None = None) -> None:
+    """A missing data file is the user's error: say which, and by the config key that named it where known."""
+    if not path.is_file():
+        raise DataError(f"{key}: data file {path} does not exist" if key else f"data file {path} does not exist")
+
+
 def read_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(source, parsed row) for a JSONL file, or a .json file holding a list of rows."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+    require_data_file(path)
     text = path.read_text(encoding="utf-8", errors="strict") if path.suffix == ".json" else None
     if text is not None:
         try:

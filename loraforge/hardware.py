@@ -30,6 +30,7 @@ import torch
 from loraforge.config import TrainConfig
 from loraforge.errors import ConfigError
 from loraforge.models import cache_dir
+from loraforge.runtime import uses_glibc
 
 # Config names (fp32, bf16, fp16) and torch's (float32, bfloat16, float16) for the same three dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -221,11 +222,7 @@ COMPACT_THRESHOLD = 128 * 2**10
 
 def _glibc():
     """The C library when it is glibc (mallopt, malloc_trim), else None (macOS, musl: nothing to tune)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
+    return ctypes.CDLL("libc.so.6") if uses_glibc() else None
 
 
 def compact_cpu_allocator(threshold: int = COMPACT_THRESHOLD, trim_at_once: bool = False) -> bool:

@@ -41,7 +41,8 @@ def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> None:
         os.environ.setdefault(name, str(entries))
 
 
-def _uses_glibc() -> bool:
+def uses_glibc() -> bool:
+    """Whether this process's C library is glibc (its tunables and mallopt/malloc_trim apply)."""
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # no confstr (Windows), or a C library without the name (musl)
@@ -52,7 +53,7 @@ def training_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment `loraforge train` should run in (glibc's small-block cache off), or None when `environ`
     is that already, the user set the cache themselves, or the C library is not glibc."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if not _uses_glibc() or TCACHE_TUNABLE in tunables:
+    if not uses_glibc() or TCACHE_TUNABLE in tunables:
         return None
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TCACHE_OFF}" if tunables else TCACHE_OFF}
 

@@ -26,8 +26,9 @@ import yaml
 
 from loraforge.atomic import file_sha256, recover_folder, write_text
 from loraforge.config import TrainConfig, config_to_yaml
+from loraforge.data import require_data_file
 from loraforge.demo import default_data
-from loraforge.errors import ConfigError, DataError
+from loraforge.errors import ConfigError
 from loraforge.models import DEFAULT_MODEL, is_default_model, resolve_model_path
 from loraforge.train.checkpoint import complete_checkpoints, verify_checkpoint
 from loraforge.train.stage import examples_per_step
@@ -65,8 +66,8 @@ def fingerprint(config: TrainConfig) -> dict:
     data = config.data
     files = {"train": data.path or default_data(config.stage), "validation": data.validation_path, "test": data.test_path}
     for role, path in files.items():  # before hashing them: a missing file is the user's, named by its key
-        if path is not None and not Path(path).is_file():
-            raise DataError(f"{DATA_KEYS[role]}: data file {path} does not exist")
+        if path is not None:
+            require_data_file(Path(path), DATA_KEYS[role])
     values = config.model_dump(mode="json")
     return {
         "base": _model_identity(config.model),
