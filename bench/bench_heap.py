@@ -53,6 +53,7 @@ def run_steps(args) -> list[dict]:
     from loraforge.hardware import LARGE_BLOCK_THRESHOLD, compact_cpu_allocator
     from loraforge.loss import causal_lm_loss
     from loraforge.lora import LoraModel
+    from loraforge.rms_norm import keep_rms_norm_outputs
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
@@ -64,6 +65,7 @@ def run_steps(args) -> list[dict]:
         p.requires_grad_(False)
     use_short_row_attention(model)
     lora = LoraModel(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
+    keep_rms_norm_outputs(model)  # as training does (train/trainee.py)
     amp = torch.bfloat16 if our_precision("cpu") == "bf16" else None
     if amp is not None:
         lora.store_frozen_weights(amp)

@@ -159,6 +159,7 @@ def micro(args) -> dict:
     from loraforge.loss import causal_lm_loss
     from loraforge.lora import LoraModel
     from loraforge.hardware import frozen_storage_dtype
+    from loraforge.rms_norm import keep_rms_norm_outputs
 
     model, tokenizer = load_bench_model(args.model, args.device)
     data = bench_data(tokenizer)
@@ -196,6 +197,7 @@ def micro(args) -> dict:
 
     results = {"bound_s": timed(bound)}
     lora = LoraModel(model, LoraConfig(r=16, alpha=32, targets="all-linear"))
+    keep_rms_norm_outputs(model)  # as training does (train/trainee.py)
     # The same storage training would choose (auto: the autocast dtype).
     storage = frozen_storage_dtype(TrainConfig(base_dtype=args.base_dtype), amp_dtype)
     if storage is not None:

@@ -50,6 +50,7 @@ from loraforge.loss import FROZEN_HEAD_CHUNK_ELEMENTS, LOGITS_CHUNK_ELEMENTS
 from loraforge.lora.fused_mlp import SWIGLU_MLPS
 from loraforge.lora.targeting import layer_index
 from loraforge.memory import frozen_embedding_weights
+from loraforge.rms_norm import RMS_NORMS
 
 PRESETS = Path(__file__).parent / "presets"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -173,7 +174,7 @@ def count_parameters(config, lora_config: LoraConfig) -> Parameters:
 
 # -- memory -----------------------------------------------------------------------------------------
 def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], r: int, dropout: float,
-                             seq_len: int, padded: bool = True) -> tuple[float, float]:
+                             seq_len: int, padded: bool = True, norm_outputs: bool = False) -> tuple[float, float]:
     """Activation elements autograd keeps per token, all decoder layers together: (all of them, those of the
     residual stream — the RMSNorm inputs, 2h a layer —, which stay in the weights' dtype under autocast while the
     rest is in the compute dtype). Counted op by op with
@@ -189,6 +190,8 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
     - A Llama-style MLP with gate, up and down adapted and no dropout runs fused (lora/fused.py): SiLU(gate) and
       the down projection's input are recomputed in backward, 2·I fewer.
     Gradient never flows below the first adapted layer, so LoRA layers below it keep nothing.
+    - `norm_outputs` (LoRA under bf16 autocast over an fp32 stream, rms_norm.py): each norm keeps its output in the
+      compute dtype instead of its input — the very copy an adapted layer reading it keeps already.
     """
     h, q = arch.hidden, arch.q_dim
     kv = q if padded else arch.kv_dim
@@ -215,7 +218,11 @@ def saved_elements_per_token(arch: Architecture, mode: str, adapted: list[str], 
             projections.setdefault(layer_index(name, None), set()).add(name.rpartition(".")[2])
         fused_mlps = sum(1 for found in projections.values() if {"gate_proj", "up_proj", "down_proj"} <= found)
     layers = arch.layers - first_layer
-    return layers * per_layer + extra + sum(inputs.values()) - fused_mlps * 2 * mlp, layers * 2 * h
+    total = layers * per_layer + extra + sum(inputs.values()) - fused_mlps * 2 * mlp
+    if norm_outputs:
+        norms_read_by_adapters = sum(1 for layer, _, output in inputs if layer is not None and not output)
+        return total - norms_read_by_adapters * h, 0
+    return total, layers * 2 * h
 
 
 @dataclass
@@ -269,7 +276,10 @@ def memory(arch: Architecture, params: Parameters, mode: str, lora: LoraConfig, 
         logit_rows = min(targets, max(1, FROZEN_HEAD_CHUNK_ELEMENTS // arch.vocab))
         logits = FROZEN_HEAD_LOGIT_BUFFERS * logit_rows * arch.vocab * 4
     kind = "full" if full else "lora"
-    layers, stream = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len)
+    # LoRA's norms keep their bf16 output where the stream is fp32 under bf16 autocast (train's build_trainee).
+    norm_outputs = (not full and dtype == "fp32" and activation_dtype == "bf16" and arch.model_type in RMS_NORMS)
+    layers, stream = saved_elements_per_token(arch, kind, params.adapter.adapted, lora.r, lora.dropout, seq_len,
+                                              norm_outputs=norm_outputs)
     # Outside the layers: the final norm (its input; full fine-tuning also its two outputs) and one hidden-sized row
     # per target (a trained head's input; a frozen head's input gradient).
     outside = tokens * (3 * arch.hidden if full else arch.hidden) + targets * arch.hidden

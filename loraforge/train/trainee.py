@@ -23,6 +23,7 @@ from loraforge.lora.files import adapter_state
 from loraforge.memory import release_checkpoint_mapping, store_embeddings_in
 from loraforge.models import DEFAULT_MODEL_HUB_ID, enable_gradient_checkpointing, is_default_model
 from loraforge.optim import parameter_groups
+from loraforge.rms_norm import keep_rms_norm_outputs
 
 CONTROLLER_PREFIX = "controller."
 
@@ -155,7 +156,8 @@ def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps:
                   amp_dtype: torch.dtype | None, say: Callable[[str], None]) -> Trainee:
     """What trains, as the config says: the adapter (or the whole model), gradient checkpointing, and the frozen
     weights' storage dtype (base_dtype), with the memory map of the checkpoint released. Attention in training
-    takes the short-row path where it is the faster (a CPU, short rows; attention.py), sdpa elsewhere."""
+    takes the short-row path where it is the faster (a CPU, short rows; attention.py), sdpa elsewhere; an adapter's
+    frozen RMSNorms keep their bf16 output for backward instead of their fp32 input (rms_norm.py)."""
     use_short_row_attention(model)
     if config.finetune == "full":
         trainee = FullModelTrainee(model, tokenizer)
@@ -166,6 +168,7 @@ def build_trainee(config: TrainConfig, model: torch.nn.Module, tokenizer, steps:
             lora_config.adalora = lora_config.adalora.model_copy(update={"total_step": steps})
         lora = LoraModel(model, lora_config)
         lora.train()
+        keep_rms_norm_outputs(model)
         trainee = AdapterTrainee(lora, DEFAULT_ADAPTER)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
