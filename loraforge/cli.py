@@ -404,11 +404,20 @@ def _torchrun_rank() -> int | None:
     return None
 
 
+def _runs_training(argv: list[str]) -> bool:
+    """Whether this command line trains (`train`, not --print-config or --help), told before the parser is built:
+    compare, estimate, export and serve register their subcommands from modules that import torch (~3 s here),
+    and the relaunch for training must come before that or the job imports it twice. The top-level options take
+    no value, so the command is the first word that is not an option."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    return command == "train" and not {"--print-config", "-h", "--help"} & set(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command (argv None: this process's own command line) or a call with `argv` (the process stays)."""
-    args = build_parser().parse_args(argv)
-    if argv is None and args.run is _train and not args.print_config:
+    if argv is None and _runs_training(sys.argv[1:]):
         relaunch_for_training()  # glibc's allocator settings for training (runtime.py); returns when set already
+    args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)  # `loraforge train key=value` without a YAML file
         args.config = None
