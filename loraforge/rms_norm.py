@@ -4,9 +4,10 @@
 
 Under bf16 autocast the residual stream stays fp32 (the embedding's rows are widened as they are looked up), so each
 of transformers' RMSNorms keeps its fp32 input for backward: 2 × hidden × 4 bytes a token a layer, a quarter of
-what a SmolLM2 layer keeps under LoRA (~62 MB of the demo step's saved activations). Every reader of the output is a
-linear layer that autocast casts to bf16 anyway (q, k and v; the MLP's gate and up or an MoE router; the head),
-and the fused LoRA nodes keep that bf16 copy for backward (lora/fused.py). Here the norm returns the bf16 copy
+what a SmolLM2 layer keeps under LoRA (~62 MB of the demo step's saved activations). The output's readers are linear
+layers (q, k and v; the MLP's gate and up or an MoE router; the head), whose input autocast casts to bf16 anyway,
+and the fused LoRA nodes keep that bf16 copy for backward (lora/fused.py); a 4-bit layer (QLoRA), which autocast
+leaves alone, now reads those bf16 values too, as a float layer does. Here the norm returns the bf16 copy
 itself — the same values, bit for bit — and keeps only it and the per-token 1/rms, so the copy the LoRA nodes keep
 is the one tensor kept: backward recovers the normalised input as y / w, as accurate as y (bf16), which is as
 accurate as the gradients arriving from the bf16 matmuls. The idea is apex's memory-efficient layer norm.
@@ -20,10 +21,11 @@ transformers classes whose forward is exactly Llama's (Gemma's scales by 1 + w, 
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 from torch import nn
+
+from loraforge.models import transformers_classes
 
 # model_type → the transformers module and the RMSNorm class whose forward is LlamaRMSNorm's.
 RMS_NORMS = {
@@ -34,17 +36,6 @@ RMS_NORMS = {
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
     "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm"),
 }
-
-
-@functools.cache
-def _rms_norm_classes() -> tuple[type, ...]:
-    classes = []
-    for module_name, class_name in RMS_NORMS.values():
-        try:
-            classes.append(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):
-            continue  # a transformers without this model: nothing of that kind to replace
-    return tuple(classes)
 
 
 class _RmsNormKeepingOutput(torch.autograd.Function):
@@ -84,7 +75,7 @@ def keep_rms_norm_outputs(model: nn.Module) -> int:
     wherever it does not apply). Returns how many norms got it. Call after the weights are loaded and frozen."""
     installed = 0
     for module in model.modules():
-        if (type(module) in _rms_norm_classes() and "forward" not in module.__dict__
+        if (type(module) in transformers_classes(*RMS_NORMS.values()) and "forward" not in module.__dict__
                 and not module.weight.requires_grad and bool(module.weight.ne(0).all())):
             module.forward = functools.partial(rms_norm_forward, module)
             installed += 1

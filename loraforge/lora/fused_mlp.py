@@ -8,7 +8,6 @@ forward of its own (removed again by remove_fused_mlps), which falls back to the
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from transformers.activations import SiLUActivation
 
 from loraforge.lora.fused import swiglu_with_lora
 from loraforge.lora.layers import LoraLinear
+from loraforge.models import transformers_classes
 
 # model_type → the transformers module and MLP class (the estimator reads the model types).
 SWIGLU_MLPS = {
@@ -26,19 +26,9 @@ SWIGLU_MLPS = {
 }
 
 
-@functools.cache
-def _swiglu_classes() -> tuple[type, ...]:
-    classes = []
-    for module_name, class_name in SWIGLU_MLPS.values():
-        try:
-            classes.append(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):
-            continue  # a transformers without this model: nothing of that kind to fuse
-    return tuple(classes)
-
-
 def is_swiglu_mlp(module: nn.Module) -> bool:
-    return type(module) in _swiglu_classes() and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation))
+    return (type(module) in transformers_classes(*SWIGLU_MLPS.values())
+            and isinstance(getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)))
 
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
