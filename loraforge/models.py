@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 import os
 import shutil
@@ -96,18 +94,6 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> Path:
                              f"weights, tokenizer) or 'default' for {DEFAULT_MODEL}")
     raise LoraforgeError(f"model path {path} does not exist; pass a local Hugging Face model folder or 'default' "
                          f"for {DEFAULT_MODEL} (models are never downloaded)")
-
-
-@functools.cache
-def transformers_classes(*names: tuple[str, str]) -> tuple[type, ...]:
-    """The classes named (module, class) that this transformers has: a model it lacks has nothing to match."""
-    classes = []
-    for module_name, class_name in names:
-        try:
-            classes.append(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(classes)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

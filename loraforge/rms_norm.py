@@ -25,7 +25,7 @@ import functools
 import torch
 from torch import nn
 
-from loraforge.models import transformers_classes
+from loraforge.lora.targeting import transformers_classes
 
 # model_type → the transformers module and the RMSNorm class whose forward is LlamaRMSNorm's.
 RMS_NORMS = {

@@ -15,7 +15,7 @@ from transformers.activations import SiLUActivation
 
 from loraforge.lora.fused import swiglu_with_lora
 from loraforge.lora.layers import LoraLinear
-from loraforge.models import transformers_classes
+from loraforge.lora.targeting import transformers_classes
 
 # model_type → the transformers module and MLP class (the estimator reads the model types).
 SWIGLU_MLPS = {

@@ -9,6 +9,8 @@ Names are the model's own (what `named_modules()` printed before any adapter was
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 import warnings
 from collections.abc import Iterator
@@ -19,6 +21,19 @@ from torch import nn
 from loraforge.config import ALL_LINEAR, LoraConfig
 from loraforge.errors import AdapterError
 from loraforge.lora.layers import LINEAR_MODULES, SUPPORTED_MODULES, LoraLayer, ModulesToSave
+
+
+@functools.cache
+def transformers_classes(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The classes named (module, class) that this transformers has, for modules matched by class (fused MLPs,
+    norms): a model it lacks has nothing to match."""
+    classes = []
+    for module_name, class_name in names:
+        try:
+            classes.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
